@@ -1,0 +1,216 @@
+"""Python API: :func:`optimize` and :func:`analyze` (shaped like ``onnxsim.simplify``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import InputError, VerificationError, first_line
+from .modelio import load_model, restore_model_fields
+from .passes import PASSES
+from .plan import Plan
+from .report import Report
+from .shapes import (
+    ResolvedShapes,
+    infer_tensor_shapes,
+    load_inputs_file,
+    parse_shape_hints,
+    resolve_input_shapes,
+    with_input_shapes,
+)
+from .stats import model_stats
+from .verify import check_feeds, compare_outputs, random_feeds, run
+
+#: Default bound on each layer's relative weight residual: exact structure.
+DEFAULT_TOL = 1e-4
+#: Default bound on the verified relative output error at the default tolerance.
+DEFAULT_MAX_ERROR = 1e-3
+SELECT_MODES = ("cost", "all")
+
+
+@dataclass
+class _Analysis:
+    """A loaded model, its graph view, the candidate sites and their plan."""
+
+    model: onnx.ModelProto
+    graph: gs.Graph
+    sites: list  # (pass module, site) pairs, in plan order
+    plan: Plan
+    shapes: ResolvedShapes
+    concrete_shapes: dict
+    feeds: dict | None
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise InputError("model imports no default-domain opset")
+
+
+def _analyse(model_or_path, tol, select, input_shapes, inputs, strict) -> _Analysis:
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise InputError(f"--tol must be a number >= 0, got {tol!r}")
+    if select not in SELECT_MODES:
+        raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
+    model = load_model(model_or_path)
+    feeds = None
+    if inputs is not None:
+        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        feeds = check_feeds(model, feeds)
+    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
+    shapes = resolve_input_shapes(model, hints, feeds, strict=strict)
+    static = infer_tensor_shapes(model)
+    concrete = infer_tensor_shapes(with_input_shapes(model, shapes.shapes)) if shapes.shapes else static
+    graph = gs.import_onnx(model)
+    opset = _default_opset(model)
+    plan = Plan(tol=float(tol), select=select)
+    sites = []
+    for rewrite_pass in PASSES:
+        for site in rewrite_pass.find(graph, static, concrete, opset):
+            sites.append((rewrite_pass, site))
+            plan.layers.append(rewrite_pass.plan(site, tol, select))
+    return _Analysis(model, graph, sites, plan, shapes, concrete, feeds)
+
+
+def analyze(
+    model_or_path,
+    *,
+    tol: float = DEFAULT_TOL,
+    select: str = "cost",
+    input_shapes=None,
+    inputs=None,
+) -> Plan:
+    """Plan without rewriting: per layer the best structure, residual, cost and decision.
+
+    ``input_shapes``: ``{name: shape}`` or ``["name:d1,d2", ...]``, used for
+    MAC counts (dynamic dims without a hint leave MACs unknown).
+    """
+    return _analyse(model_or_path, tol, select, input_shapes, inputs, strict=False).plan
+
+
+def _all_names(graph: gs.Graph, names: set[str] | None = None) -> set[str]:
+    names = set() if names is None else names
+    names.update(graph.tensors().keys())
+    for node in graph.nodes:
+        if node.name:
+            names.add(node.name)
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                _all_names(attr, names)
+    return names
+
+
+def optimize(
+    model_or_path,
+    *,
+    tol: float = DEFAULT_TOL,
+    select: str = "cost",
+    input_shapes=None,
+    inputs=None,
+    verify: bool = True,
+    max_error: float | None = None,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, Report]:
+    """Rewrite every structured Conv the plan selects; verify with onnxruntime.
+
+    Args:
+        model_or_path: a ``ModelProto`` or a path to an ``.onnx`` file.
+        tol: bound on each layer's relative weight residual
+            ``||W - A alpha||_F / ||W||_F``; the default 1e-4 means exact
+            structure.
+        select: ``"cost"`` rewrites where the cost model predicts a gain,
+            ``"all"`` every layer within ``tol``.
+        input_shapes: ``{name: shape}`` or ``["name:d1,d2", ...]`` for
+            dynamic dims (a dynamic leading batch dim defaults to 1).
+        inputs: ``{name: array}`` or a path to an ``.npz`` of real inputs
+            (seeded random inputs otherwise).
+        verify: run original and rewritten model and compare the outputs.
+        max_error: bound on the verified relative error
+            ``max|y0 - y1| / max|y0|`` per output.  None means 1e-3 at the
+            default ``tol`` and no bound (errors only reported) when ``tol``
+            is loosened.
+        seed: seed of the random verification inputs.
+
+    Returns:
+        ``(model, report)``.  The input model is never modified.
+
+    Raises:
+        InputError: bad input (exit code 2 on the CLI).
+        VerificationError: outputs differ beyond ``max_error``; its
+            ``report`` attribute holds the report (exit code 1).
+    """
+    analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify)
+    original = analysis.model
+    taken = _all_names(analysis.graph)
+    for (rewrite_pass, site), layer in zip(analysis.sites, analysis.plan.layers):
+        if layer.rewritten:
+            rewrite_pass.rewrite(site, layer, taken)
+    if analysis.plan.rewritten:
+        rewritten = gs.export_onnx(analysis.graph, do_type_check=False)
+        restore_model_fields(original, rewritten)
+    else:
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(original)
+    if max_error is None and tol <= DEFAULT_TOL:
+        max_error = DEFAULT_MAX_ERROR
+    after_shapes = infer_tensor_shapes(with_input_shapes(rewritten, analysis.shapes.shapes))
+    report = Report(
+        plan=analysis.plan,
+        before=model_stats(original, analysis.concrete_shapes),
+        after=model_stats(rewritten, after_shapes),
+        input_shapes=dict(analysis.shapes.shapes),
+        notes=list(analysis.shapes.notes),
+        max_error=max_error,
+    )
+    if verify:
+        report.errors = _verify(original, rewritten, analysis, seed)
+        if not report.verified:
+            raise VerificationError(
+                f"verification failed: max relative error {report.max_rel_error:.3g} "
+                f"exceeds {max_error:g}",
+                report,
+            )
+    return rewritten, report
+
+
+def _verify(original, rewritten, analysis: _Analysis, seed: int):
+    feeds = analysis.feeds or random_feeds(original, analysis.shapes.shapes, seed)
+    try:
+        reference = run(original, feeds)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise InputError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
+    try:
+        candidate = run(rewritten, feeds)
+    except Exception as exc:
+        raise VerificationError(
+            f"verification failed: the rewritten model does not run: {first_line(exc)}"
+        ) from None
+    return compare_outputs(reference, candidate)
+
+
+def verify_models(model_a, model_b, *, input_shapes=None, inputs=None, seed: int = 0):
+    """Run two models on the same inputs; per-output errors of ``b`` against ``a``."""
+    a, b = load_model(model_a), load_model(model_b)
+    feeds = None
+    if inputs is not None:
+        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        feeds = check_feeds(a, feeds)
+    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
+    shapes = resolve_input_shapes(a, hints, feeds, strict=True)
+    feeds = feeds or random_feeds(a, shapes.shapes, seed)
+    outputs = []
+    for label, model in (("first", a), ("second", b)):
+        try:
+            outputs.append(run(model, feeds))
+        except Exception as exc:
+            raise InputError(f"onnxruntime cannot run the {label} model: {first_line(exc)}") from None
+    if set(outputs[0]) != set(outputs[1]):
+        raise InputError("the two models have different output names")
+    return compare_outputs(outputs[0], outputs[1]), shapes
+
+
+__all__ = ["DEFAULT_MAX_ERROR", "DEFAULT_TOL", "analyze", "optimize", "verify_models"]

@@ -1,0 +1,178 @@
+"""The ``sconv-onnx`` command: optimize, analyze, verify, demo.
+
+Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad input or
+usage (one line on stderr); 3 internal error (one line; set
+``SCONV_ONNX_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .api import DEFAULT_MAX_ERROR, DEFAULT_TOL, SELECT_MODES, analyze, optimize, verify_models
+from .errors import InputError, SconvError, VerificationError, first_line
+from .modelio import check_output_path, save_model_atomic, write_atomic
+from .report import layer_table
+
+PROG = "sconv-onnx"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def _add_shape_options(parser: argparse.ArgumentParser, inputs: bool = True) -> None:
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:DIMS",
+        help="concrete shape for an input with dynamic dims, e.g. x:1,3,224,224 (repeatable)",
+    )
+    if inputs:
+        parser.add_argument(
+            "--inputs", metavar="FILE.npz",
+            help="real inputs for verification: arrays keyed by input name",
+        )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Rewrite structured convolutions as sum-pool + small conv.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    opt = commands.add_parser("optimize", help="rewrite structured layers, verify, save")
+    opt.add_argument("input", metavar="IN")
+    opt.add_argument("output", metavar="OUT")
+    opt.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                     help=f"bound on each layer's relative weight residual (default {DEFAULT_TOL:g})")
+    opt.add_argument("--select", choices=SELECT_MODES, default="cost",
+                     help="cost: rewrite where the cost model predicts a gain (default); "
+                          "all: every layer within --tol")
+    _add_shape_options(opt)
+    opt.add_argument("--max-error", type=float, default=None,
+                     help=f"fail (exit 1, write nothing) above this relative output error "
+                          f"(default {DEFAULT_MAX_ERROR:g} at the default --tol, else no bound)")
+    opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    opt.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    opt.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+    ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting")
+    ana.add_argument("input", metavar="IN")
+    ana.add_argument("--tol", type=float, default=DEFAULT_TOL)
+    ana.add_argument("--select", choices=SELECT_MODES, default="cost")
+    _add_shape_options(ana, inputs=False)
+    ana.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    ver = commands.add_parser("verify", help="compare two models' outputs in onnxruntime")
+    ver.add_argument("first", metavar="A")
+    ver.add_argument("second", metavar="B")
+    _add_shape_options(ver)
+    ver.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
+                     help=f"exit 1 above this relative error (default {DEFAULT_MAX_ERROR:g})")
+
+    demo = commands.add_parser("demo", help="build the bundled example CNN, optimize and verify it")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help="folder for demo_cnn.onnx and its rewrite (default: a temporary folder)")
+    return parser
+
+
+def _summary_line(report, out: str) -> str:
+    plan, before, after = report.plan, report.before, report.after
+    macs = f", MACs x{after.macs / before.macs:.3f}" if before.macs and after.macs is not None else ""
+    error = "" if report.errors is None else f", max rel error {report.max_rel_error:.2g}"
+    return (f"wrote {out}: {len(plan.rewritten)}/{len(plan.layers)} layers rewritten, "
+            f"params x{after.params / max(1, before.params):.3f}{macs}{error}")
+
+
+def _optimize(args) -> int:
+    if not Path(args.input).exists():
+        raise InputError(f"{args.input}: no such file")
+    check_output_path(args.input, args.output)
+    if args.report:
+        check_output_path(args.input, args.report)
+    try:
+        model, report = optimize(
+            args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
+            inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
+        )
+    except VerificationError as exc:
+        if exc.report is not None and not args.quiet:
+            print(exc.report.format())
+        raise
+    save_model_atomic(model, args.output)
+    if args.report:
+        write_atomic(args.report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    if not args.quiet:
+        print(report.format())
+    print(_summary_line(report, args.output))
+    return 0
+
+
+def _analyze(args) -> int:
+    plan = analyze(args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else layer_table(plan))
+    return 0
+
+
+def _verify(args) -> int:
+    errors, shapes = verify_models(
+        args.first, args.second, input_shapes=args.input_shape, inputs=args.inputs
+    )
+    worst = max((e.max_rel for e in errors), default=0.0)
+    used = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.shapes.items())
+    print(f"inputs {used}")
+    for err in errors:
+        print(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
+    if worst > args.max_error:
+        raise VerificationError(f"outputs differ: max relative error {worst:.3g} > {args.max_error:g}")
+    print(f"PASS: max relative error {worst:.3g} <= {args.max_error:g}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .models import demo_cnn
+    import onnx
+
+    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sconv-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    source, target = folder / "demo_cnn.onnx", folder / "demo_cnn.sconv.onnx"
+    onnx.save(demo_cnn.build(), str(source))
+    print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured)")
+    print(f"$ {PROG} optimize {source} {target}\n")
+    return _optimize(argparse.Namespace(
+        input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", input_shape=[],
+        inputs=None, no_verify=False, max_error=None, report=None, quiet=False,
+    ))
+
+
+_COMMANDS = {"optimize": _optimize, "analyze": _analyze, "verify": _verify, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    try:
+        args = _build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except SconvError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, not a traceback; the env var shows it
+        if os.environ.get("SCONV_ONNX_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {first_line(exc)} "
+              f"(set SCONV_ONNX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Structured-convolution pass: find Conv layers, plan each one, rewrite it.
+
+Interface shared by the passes: :func:`find` lists the candidate sites of a
+graph, :func:`plan` decides each one (pure data, see :mod:`sconv_onnx.plan`)
+and :func:`rewrite` emits the nodes for a site whose plan says ``rewrite``.
+
+The rewrite of ``Conv(X, W; strides s, dilations d, pads p, group g)``
+with ``W`` structured at ``(c, n)``:
+
+    Conv(SumPool(X; window (C-c+1, K-n+1), stride 1, dilation d, pads p),
+         alpha; kernel n, strides s, dilations d, group g, no pads)
+
+with the original bias and output (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import cost
+from ..lowering import NodeEmitter, emit_channel_pool, emit_spatial_pool, pool_constant_count
+from ..plan import KEEP, REWRITE, LayerPlan, Lowering
+from ..structure import Structure, fit_alpha, search
+
+OP_TYPE = "Conv"
+#: Opset from which AveragePool falls back to a slow reference kernel (DESIGN.md section 2).
+AVGPOOL_SLOW_OPSET = 19
+#: First opset with CumSum.
+CUMSUM_OPSET = 11
+
+
+@dataclass
+class ConvSite:
+    """A Conv node and what is known about it."""
+
+    graph: gs.Graph
+    node: gs.Node
+    name: str
+    weight: np.ndarray | None
+    bias_size: int
+    geometry: cost.ConvGeometry | None
+    opset: int
+    skip_reason: str | None = None
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The value of ``tensor`` when it is an initializer or a ``Constant`` node's output."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1:
+        producer = tensor.inputs[0]
+        value = producer.attrs.get("value") if producer.op == "Constant" else None
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def _ints(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
+    value = node.attrs.get(key)
+    return tuple(int(v) for v in value) if value is not None else tuple(default)
+
+
+def _static(dims) -> tuple[int, ...] | None:
+    if dims is None or any(not isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def resolve_pads(
+    auto_pad: str,
+    pads: tuple[int, ...],
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+    in_spatial: tuple[int, ...] | None,
+) -> tuple[int, ...] | None:
+    """Explicit ``(begin.., end..)`` pads, or None when they depend on an unknown size.
+
+    ``SAME_UPPER``/``SAME_LOWER`` pad ``total = max(0, (ceil(i/s) - 1) s + (K-1) d + 1 - i)``
+    per axis, the odd element at the end (UPPER) or the beginning (LOWER).
+    With stride 1, ``total = (K-1) d`` whatever the input size.
+    """
+    rank = len(kernel)
+    if auto_pad in ("", "NOTSET"):
+        return pads if pads else (0,) * (2 * rank)
+    if auto_pad == "VALID":
+        return (0,) * (2 * rank)
+    begins, ends = [], []
+    for axis in range(rank):
+        span = (kernel[axis] - 1) * dilations[axis] + 1
+        if strides[axis] == 1:
+            total = span - 1
+        elif in_spatial is None:
+            return None
+        else:
+            size = in_spatial[axis]
+            total = max(0, (-(-size // strides[axis]) - 1) * strides[axis] + span - size)
+        small, large = total // 2, total - total // 2
+        begins.append(large if auto_pad == "SAME_LOWER" else small)
+        ends.append(small if auto_pad == "SAME_LOWER" else large)
+    return tuple(begins + ends)
+
+
+def find(graph: gs.Graph, static_shapes: dict, concrete_shapes: dict, opset: int) -> list[ConvSite]:
+    """Every Conv of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    sites: list[ConvSite] = []
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                sites.extend(find(attr, {}, {}, opset))
+        if node.op == OP_TYPE and node.domain in ("", "ai.onnx", None):
+            sites.append(_site(graph, node, static_shapes, concrete_shapes, opset))
+    return sites
+
+
+def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
+    name = node.name or node.outputs[0].name
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias_size = int(bias.size) if bias is not None else 0
+    site = ConvSite(graph, node, name, weight, bias_size, None, opset)
+    if weight is None:
+        site.skip_reason = "weight is not a constant"
+        return site
+    if weight.dtype.kind != "f":
+        site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
+        return site
+    rank = weight.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    strides = _ints(node, "strides", [1] * rank)
+    dilations = _ints(node, "dilations", [1] * rank)
+    group = int(node.attrs.get("group", 1))
+    x_name, y_name = node.inputs[0].name, node.outputs[0].name
+    static_in = static_shapes.get(x_name)
+    pads = resolve_pads(
+        str(node.attrs.get("auto_pad", "NOTSET")),
+        _ints(node, "pads", []),
+        kernel,
+        strides,
+        dilations,
+        _static(static_in[2:]) if static_in else None,
+    )
+    if pads is None:
+        site.skip_reason = "auto_pad SAME with stride > 1 on a dynamic input size"
+        return site
+    concrete_in = _static(concrete_shapes.get(x_name))
+    concrete_out = _static(concrete_shapes.get(y_name))
+    site.geometry = cost.ConvGeometry(
+        out_channels=weight.shape[0],
+        in_channels_per_group=weight.shape[1],
+        group=group,
+        kernel=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        in_spatial=concrete_in[2:] if concrete_in else None,
+        out_spatial=concrete_out[2:] if concrete_out else None,
+    )
+    return site
+
+
+def _lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
+    """The sum-pool lowerings that are valid for ``site`` at ``structure``."""
+    geom = site.geometry
+    float32 = site.weight.dtype == np.float32
+    channel: list[str | None] = [None]
+    if structure.channels != geom.in_channels_per_group:
+        channel = ["matrix"]
+        if geom.group == 1 and float32 and site.opset >= CUMSUM_OPSET:
+            channel.append("cumsum")
+    spatial: list[str | None] = [None]
+    window = tuple(k - n + 1 for k, n in zip(geom.kernel, structure.kernel))
+    if structure.kernel != geom.kernel:
+        spatial = ["ones_conv"]
+        rank = len(window)
+        avgpool_ok = (
+            float32
+            and site.opset < AVGPOOL_SLOW_OPSET
+            and all(d == 1 for d in geom.dilations)
+            and all(geom.pads[i] < window[i] and geom.pads[rank + i] < window[i] for i in range(rank))
+        )
+        if avgpool_ok:
+            spatial.insert(0, "avgpool")
+    return [Lowering(c, s) for c in channel for s in spatial]
+
+
+def plan(site: ConvSite, tol: float, select: str) -> LayerPlan:
+    """Decide ``site``: the structure, the lowering, and the reason.
+
+    ``select="all"`` rewrites with the fewest-degrees-of-freedom structure
+    within ``tol``; ``select="cost"`` rewrites with the structure and lowering
+    of least predicted cost, and only if that is below
+    :data:`cost.GAIN_MARGIN` of the original.
+    """
+    node = site.node
+    layer = LayerPlan(
+        node=site.name,
+        op=OP_TYPE,
+        weight_shape=tuple(site.weight.shape) if site.weight is not None else (),
+        group=int(node.attrs.get("group", 1)),
+    )
+    if site.skip_reason:
+        layer.reason = site.skip_reason
+        return layer
+    geom = site.geometry
+    layer.params_before = int(site.weight.size) + site.bias_size
+    before = cost.original_ops(geom)
+    layer.cost_before = cost.total_cost(before)
+    layer.macs_before = cost.total_macs(geom, before)
+    structures = search(site.weight, tol)
+    trivial = tuple(site.weight.shape[1:])
+    nontrivial = [s for s in structures if s.sizes != trivial]
+    if not nontrivial:
+        layer.reason = f"no structure within tol {tol:g}"
+        return layer
+    layer.best = nontrivial[0]
+    scored = []
+    for structure in nontrivial if select != "all" else nontrivial[:1]:
+        for lowering in _lowering_options(site, structure):
+            ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial)
+            scored.append((cost.total_cost(ops), structure.dof, structure, lowering, ops))
+    predicted, _, structure, lowering, ops = min(scored, key=lambda item: item[:2])
+    ratio = predicted / layer.cost_before
+    layer.chosen, layer.lowering, layer.cost_after = structure, lowering, predicted
+    layer.macs_after = cost.total_macs(geom, ops)
+    layer.params_after = (
+        geom.out_channels * structure.dof
+        + site.bias_size
+        + pool_constant_count(
+            lowering.channel, lowering.spatial, geom.group, geom.in_channels_per_group,
+            structure.sizes, geom.kernel,
+        )
+    )
+    if select == "all":
+        layer.decision = REWRITE
+        layer.reason = f"select=all; predicted time {ratio:.2f}x"
+    elif ratio <= cost.GAIN_MARGIN:
+        layer.decision = REWRITE
+        layer.reason = f"predicted time {ratio:.2f}x"
+    else:
+        layer.decision = KEEP
+        layer.reason = f"no gain predicted ({structure.label()} {lowering.label()}: {ratio:.2f}x)"
+    return layer
+
+
+def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str]) -> None:
+    """Replace ``site``'s Conv in place by sum-pool nodes and a Conv with alpha."""
+    node, geom, structure, lowering = site.node, site.geometry, layer.chosen, layer.lowering
+    dtype = site.weight.dtype
+    rank = len(geom.kernel)
+    window = tuple(k - n + 1 for k, n in zip(geom.kernel, structure.kernel))
+    alpha = fit_alpha(site.weight, structure.sizes)
+    if lowering.spatial == "avgpool":
+        alpha = alpha * math.prod(window)
+    emitter = NodeEmitter(site.graph, node, site.name, taken_names)
+    old_weight = node.inputs[1]
+    x = node.inputs[0]
+    channels = geom.in_channels
+    if lowering.channel:
+        x = emit_channel_pool(
+            emitter, x, lowering.channel, geom.group, geom.in_channels_per_group,
+            structure.channels, rank, dtype,
+        )
+        channels = geom.group * structure.channels
+    conv_pads = geom.pads
+    if lowering.spatial:
+        x = emit_spatial_pool(
+            emitter, x, lowering.spatial, channels, window, geom.dilations, geom.pads, dtype
+        )
+        conv_pads = (0,) * (2 * rank)
+    node.inputs[0] = x
+    node.inputs[1] = emitter.constant("alpha", alpha.astype(dtype))
+    node.attrs.pop("auto_pad", None)
+    node.attrs["kernel_shape"] = list(structure.kernel)
+    node.attrs["pads"] = list(conv_pads)
+    node.attrs["strides"] = list(geom.strides)
+    node.attrs["dilations"] = list(geom.dilations)
+    node.attrs["group"] = geom.group
+    _drop_if_unused(site.graph, old_weight)
+
+
+def _drop_if_unused(graph: gs.Graph, tensor) -> None:
+    """Remove the ``Constant`` node behind ``tensor`` once nothing reads it.
+
+    An unused initializer needs nothing: the export writes only referenced ones.
+    """
+    if tensor.outputs or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return
+    if tensor in graph.outputs:
+        return
+    producer = tensor.inputs[0]
+    if producer.op == "Constant" and producer in graph.nodes:
+        graph.nodes.remove(producer)
+        producer.outputs.clear()

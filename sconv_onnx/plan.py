@@ -1,0 +1,116 @@
+"""The plan: per layer, the structure found, the lowering chosen, and why.
+
+Plain data.  The CLI tables, the JSON report and the tests all read it; a
+decision that is not in the plan did not happen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .structure import Structure
+
+REWRITE = "rewrite"
+KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How the sum-pool is emitted.
+
+    ``channel``: ``"cumsum"`` (CumSum over channels, then a Slice difference)
+    or ``"matrix"`` (a fixed 0/1 1x1 Conv), or None when no channel pooling.
+    ``spatial``: ``"avgpool"`` (AveragePool, window area folded into alpha)
+    or ``"ones_conv"`` (depthwise all-ones Conv), or None.
+    """
+
+    channel: str | None
+    spatial: str | None
+
+    def label(self) -> str:
+        parts = [p for p in (self.channel, self.spatial) if p]
+        return "+".join(parts) if parts else "conv only"
+
+
+@dataclass
+class LayerPlan:
+    """Everything decided about one layer.
+
+    ``params_*`` count weights (the sum-pool's own constants included after);
+    ``macs_*`` are multiply-adds at batch 1 (the pool's additions included),
+    None when the shapes are not known; ``cost_*`` are the cost model's
+    predictions in MAC-equivalents per output position.
+    """
+
+    node: str
+    op: str
+    weight_shape: tuple[int, ...]
+    group: int = 1
+    best: Structure | None = None
+    chosen: Structure | None = None
+    lowering: Lowering | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    cost_before: float | None = None
+    cost_after: float | None = None
+    decision: str = KEEP
+    reason: str = ""
+
+    @property
+    def rewritten(self) -> bool:
+        return self.decision == REWRITE
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("best", "chosen"):
+            value = getattr(self, key)
+            data[key] = (
+                None
+                if value is None
+                else {"sizes": list(value.sizes), "residual": value.residual, "label": value.label()}
+            )
+        data["lowering"] = None if self.lowering is None else asdict(self.lowering)
+        data["weight_shape"] = list(self.weight_shape)
+        return data
+
+
+@dataclass
+class Plan:
+    """The per-layer plans of one model, with the settings that produced them."""
+
+    tol: float
+    select: str
+    layers: list[LayerPlan] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.rewritten]
+
+    def totals(self) -> dict:
+        """Sums over all analysed layers (MACs only when every layer's are known)."""
+        layers = self.layers
+        macs_known = all(layer.macs_before is not None for layer in layers)
+        return {
+            "layers": len(layers),
+            "rewritten": len(self.rewritten),
+            "params_before": sum(layer.params_before for layer in layers),
+            "params_after": sum(
+                layer.params_after if layer.rewritten else layer.params_before for layer in layers
+            ),
+            "macs_before": sum(layer.macs_before for layer in layers) if macs_known else None,
+            "macs_after": (
+                sum(layer.macs_after if layer.rewritten else layer.macs_before for layer in layers)
+                if macs_known
+                else None
+            ),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "tol": self.tol,
+            "select": self.select,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "totals": self.totals(),
+        }

@@ -1,0 +1,138 @@
+"""The report of a run (plan, stats before/after, measured errors) and its tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .plan import Plan
+from .stats import ModelStats
+from .verify import OutputError
+
+
+def human(value: float | int | None) -> str:
+    """``1234567 -> '1.23M'``; None -> ``'?'``."""
+    if value is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def ratio(after: float | None, before: float | None) -> str:
+    if after is None or before in (None, 0):
+        return ""
+    return f"{after / before:.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain text table, columns left-aligned, widths from the content."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def layer_table(plan: Plan) -> str:
+    """One row per analysed layer, and a totals row."""
+    rows = []
+    for layer in plan.layers:
+        structure = layer.chosen or layer.best
+        rows.append([
+            layer.node,
+            layer.op,
+            "x".join(map(str, layer.weight_shape)),
+            structure.label() if structure else "-",
+            f"{structure.residual:.1e}" if structure else "-",
+            f"{human(layer.params_before)} -> {human(layer.params_after)}" if layer.rewritten
+            else human(layer.params_before),
+            f"{human(layer.macs_before)} -> {human(layer.macs_after)}" if layer.rewritten
+            else human(layer.macs_before),
+            layer.lowering.label() if layer.rewritten and layer.lowering else "-",
+            layer.decision,
+            layer.reason,
+        ])
+    totals = plan.totals()
+    rows.append([
+        "TOTAL", "", "", "", "",
+        f"{human(totals['params_before'])} -> {human(totals['params_after'])}",
+        f"{human(totals['macs_before'])} -> {human(totals['macs_after'])}",
+        "", f"{totals['rewritten']}/{totals['layers']}", "",
+    ])
+    header = ["node", "op", "weight", "structure", "residual", "params", "MACs", "lowering",
+              "decision", "reason"]
+    return table(header, rows)
+
+
+def summary_table(before: ModelStats, after: ModelStats) -> str:
+    """onnxsim-style before/after table: op counts, params, MACs, size."""
+    rows = []
+    for op in sorted(set(before.ops) | set(after.ops)):
+        rows.append([op, str(before.ops.get(op, 0)), str(after.ops.get(op, 0)), ""])
+    rows.append(["params", human(before.params), human(after.params), ratio(after.params, before.params)])
+    rows.append(["MACs", human(before.macs), human(after.macs), ratio(after.macs, before.macs)])
+    rows.append(["size (bytes)", human(before.size), human(after.size), ratio(after.size, before.size)])
+    return table(["", "before", "after", "ratio"], rows)
+
+
+@dataclass
+class Report:
+    """What :func:`sconv_onnx.optimize` did: the plan and what was measured.
+
+    ``errors`` is None when verification was skipped.
+    """
+
+    plan: Plan
+    before: ModelStats
+    after: ModelStats
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    errors: list[OutputError] | None = None
+    max_error: float | None = None
+
+    @property
+    def max_rel_error(self) -> float | None:
+        if self.errors is None:
+            return None
+        return max((e.max_rel for e in self.errors), default=0.0)
+
+    @property
+    def verified(self) -> bool:
+        """Verification ran and stayed within ``max_error`` (when one was set)."""
+        if self.errors is None:
+            return False
+        return self.max_error is None or self.max_rel_error <= self.max_error
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "notes": list(self.notes),
+            "verification": None if self.errors is None else {
+                "outputs": [e.to_dict() for e in self.errors],
+                "max_rel_error": self.max_rel_error,
+                "max_error": self.max_error,
+                "passed": self.verified,
+            },
+        }
+
+    def verification_lines(self) -> list[str]:
+        if self.errors is None:
+            return ["verification: skipped"]
+        shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in self.input_shapes.items())
+        lines = [f"verification on {shapes}:"]
+        for err in self.errors:
+            lines.append(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
+        bound = f" (bound {self.max_error:g})" if self.max_error is not None else " (no bound set)"
+        lines.append(f"  {'PASS' if self.verified else 'FAIL'}: max rel error {self.max_rel_error:.3g}{bound}")
+        return lines
+
+    def format(self) -> str:
+        """The human-readable report: layers, before/after, verification."""
+        parts = [layer_table(self.plan), "", summary_table(self.before, self.after), ""]
+        parts += [f"note: {note}" for note in self.notes]
+        parts += self.verification_lines()
+        return "\n".join(parts)

@@ -181,11 +181,11 @@ def _verify(original, rewritten, analysis: _Analysis, seed: int):
     feeds = analysis.feeds or random_feeds(original, analysis.shapes.shapes, seed)
     try:
         reference = run(original, feeds)
-    except Exception as exc:  # onnxruntime raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise InputError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
     try:
         candidate = run(rewritten, feeds)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
         raise VerificationError(
             f"verification failed: the rewritten model does not run: {first_line(exc)}"
         ) from None
@@ -206,7 +206,7 @@ def verify_models(model_a, model_b, *, input_shapes=None, inputs=None, seed: int
     for label, model in (("first", a), ("second", b)):
         try:
             outputs.append(run(model, feeds))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
             raise InputError(f"onnxruntime cannot run the {label} model: {first_line(exc)}") from None
     if set(outputs[0]) != set(outputs[1]):
         raise InputError("the two models have different output names")

@@ -137,8 +137,9 @@ def _verify(args) -> int:
 
 
 def _demo(args) -> int:
-    from .models import demo_cnn
     import onnx
+
+    from .models import demo_cnn
 
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sconv-demo-"))
     folder.mkdir(parents=True, exist_ok=True)

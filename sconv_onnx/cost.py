@@ -8,10 +8,13 @@ ratios, so the unit cancels out.
 Constants come from the measurements in DESIGN.md section 2 (onnxruntime CPU,
 2 cores):
 
-* a 3x3 -> 2x2 rewrite ran at 0.47-0.51 of the time for a MAC ratio of 0.44:
-  small kernels run about 10 % less efficiently per MAC (``SMALL_KERNEL``);
-* channel pooling by CumSum + Slice-difference cost about 70 MAC-equivalents
-  per input element (1x1 conv, C=64: 1.6x slower than the original);
+* a 3x3 -> 2x2 rewrite ran at 0.47-0.51 of the time for a MAC ratio of 0.44,
+  and 0.44-0.58 in our own single-layer runs: small kernels run about 15 %
+  less efficiently per MAC (``SMALL_KERNEL``);
+* channel pooling by CumSum + Slice-difference: 1x1 convs with c = C/2 ran
+  at 1.03x (C=256) and 0.81x (C=512) of the original, i.e. about 150
+  MAC-equivalents per input element; for 3x3 convs it beats the 0/1 matrix
+  from C of about 256 on (0.30x vs 0.33x at C=512, 0.44x vs 0.40x at C=128);
 * a fixed 0/1 1x1 conv costs its MACs, like any dense conv;
 * depthwise and pooling work is memory-bound: ``MEMORY`` per element read or
   written.
@@ -25,9 +28,9 @@ from dataclasses import dataclass
 #: MAC-equivalents per tensor element read or written by an operator.
 MEMORY = 4.0
 #: MAC-equivalents per input element of the CumSum channel pooling.
-CUMSUM_ELEMENT = 70.0
+CUMSUM_ELEMENT = 150.0
 #: Relative cost of a MAC in a conv whose kernel is smaller than the original.
-SMALL_KERNEL = 1.1
+SMALL_KERNEL = 1.15
 #: A rewrite must be predicted at most this fraction of the original's cost.
 GAIN_MARGIN = 0.9
 
@@ -90,7 +93,6 @@ def lowered_ops(
     """Channel pool, spatial sum-pool and small Conv for structure ``sizes``."""
     under_c, under_k = sizes[0], sizes[1:]
     per_group = geom.in_channels_per_group
-    window_c = per_group - under_c + 1
     window = tuple(k - n + 1 for k, n in zip(geom.kernel, under_k))
     full_positions = float(math.prod(geom.strides))
     ops: list[OpCost] = []
@@ -139,4 +141,4 @@ def total_macs(geom: ConvGeometry, ops: list[OpCost]) -> int | None:
     """MACs (additions of the pools included) for batch 1, when shapes are known."""
     if geom.out_spatial is None:
         return None
-    return int(round(sum(op.macs for op in ops) * math.prod(geom.out_spatial)))
+    return round(sum(op.macs for op in ops) * math.prod(geom.out_spatial))

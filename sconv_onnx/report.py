@@ -9,7 +9,7 @@ from .stats import ModelStats
 from .verify import OutputError
 
 
-def human(value: float | int | None) -> str:
+def human(value: float | None) -> str:
     """``1234567 -> '1.23M'``; None -> ``'?'``."""
     if value is None:
         return "?"

@@ -155,7 +155,7 @@ def infer_tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | No
     """Shapes of every tensor that onnx shape inference can tell (main graph)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    except Exception:  # inference is best effort; callers cope with unknowns
+    except Exception:  # noqa: BLE001 - inference is best effort; callers cope with unknowns
         inferred = model
     graph = inferred.graph
     shapes: dict[str, list[int | str | None]] = {}

@@ -59,7 +59,7 @@ def check_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     """A CPU session with quiet logging."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors surface as exceptions, reported in one line
     options.intra_op_num_threads = threads
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]

@@ -163,7 +163,7 @@ def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
     return site
 
 
-def _lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
+def lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
     """The sum-pool lowerings that are valid for ``site`` at ``structure``."""
     geom = site.geometry
     float32 = site.weight.dtype == np.float32
@@ -220,7 +220,7 @@ def plan(site: ConvSite, tol: float, select: str) -> LayerPlan:
     layer.best = nontrivial[0]
     scored = []
     for structure in nontrivial if select != "all" else nontrivial[:1]:
-        for lowering in _lowering_options(site, structure):
+        for lowering in lowering_options(site, structure):
             ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial)
             scored.append((cost.total_cost(ops), structure.dof, structure, lowering, ops))
     predicted, _, structure, lowering, ops = min(scored, key=lambda item: item[:2])

@@ -1,0 +1,151 @@
+"""Property tests: random Conv layers, rewritten and checked in onnxruntime.
+
+Exactly structured weights must be rewritten (the weight count drops to the
+structured count plus the pool's own constants) and match the original to
+1e-5 relative; the same layers with random weights must stay untouched.
+"""
+
+import math
+import os
+
+from conv_models import ConvSpec, make_model, weight_elements
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import sconv_onnx
+
+EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def conv_specs(draw, structured: bool = True) -> ConvSpec:
+    rank = draw(st.integers(1, 3))
+    kernel_sizes = [1, 2, 3, 5, 7] if rank < 3 else [1, 2, 3]
+    kernel = tuple(draw(st.sampled_from(kernel_sizes)) for _ in range(rank))
+    depthwise = draw(st.booleans())
+    group = draw(st.integers(1, 3)) if not depthwise else draw(st.integers(2, 4))
+    in_per_group = 1 if depthwise else draw(st.integers(1, 6))
+    out_channels = group * draw(st.integers(1, 3))
+    strides = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dilations = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    spatial = tuple(e + draw(st.integers(0, 4)) for e in extent)
+    pad_mode = draw(st.sampled_from(["none", "symmetric", "asymmetric", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    pads, auto_pad = None, None
+    if pad_mode == "symmetric":
+        begin = [draw(st.integers(0, e - 1)) if e > 1 else 0 for e in extent]
+        pads = tuple(begin + begin)
+    elif pad_mode == "asymmetric":
+        pads = tuple(draw(st.integers(0, max(0, e - 1))) for e in extent + extent)
+    elif pad_mode.startswith("SAME") and any(d > 1 for d in dilations):
+        auto_pad = "VALID"  # onnxruntime rejects dilation with SAME padding
+    elif pad_mode != "none":
+        auto_pad = pad_mode
+    sizes = None
+    if structured:
+        sizes = (draw(st.integers(1, in_per_group)),) + tuple(draw(st.integers(1, k)) for k in kernel)
+    opset = draw(st.integers(11, 21))
+    return ConvSpec(
+        in_per_group=in_per_group, out_channels=out_channels, group=group, kernel=kernel,
+        spatial=spatial, strides=strides if draw(st.booleans()) or any(s > 1 for s in strides) else None,
+        dilations=dilations if any(d > 1 for d in dilations) or draw(st.booleans()) else None,
+        pads=pads, auto_pad=auto_pad, bias=draw(st.booleans()),
+        weight_as_constant_node=draw(st.booleans()), opset=opset,
+        dynamic_batch=draw(st.booleans()), batch=draw(st.integers(1, 2)), sizes=sizes,
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _optimize(spec: ConvSpec, **kwargs):
+    model = make_model(spec)
+    shapes = {"x": spec.input_shape} if spec.dynamic_batch else None
+    return model, *sconv_onnx.optimize(model, input_shapes=shapes, max_error=1e-5, **kwargs)
+
+
+@given(conv_specs(structured=True))
+@SETTINGS
+def test_structured_layers_are_rewritten_and_exact(spec):
+    trivial = (spec.in_per_group,) + spec.kernel
+    model, new, report = _optimize(spec, select="all")
+    (layer,) = report.plan.layers
+    if spec.sizes == trivial:
+        assert not layer.rewritten
+        return
+    assert layer.rewritten, layer.reason
+    event(f"lowering {layer.lowering.label()}")
+    assert layer.chosen.sizes == spec.sizes
+    # the original weight is gone; alpha has the structured count
+    counts = weight_elements(new)
+    assert "W" not in counts
+    (alpha,) = [name for name in counts if name.endswith("sconv_alpha")]
+    assert counts[alpha] == spec.out_channels * math.prod(spec.sizes)
+    bias = spec.out_channels if spec.bias else 0
+    pool_constants = sum(n for name, n in counts.items() if "sconv_" in name and name != alpha)
+    assert sum(counts.values()) == counts[alpha] + bias + pool_constants == layer.params_after
+    assert layer.params_after < layer.params_before + pool_constants
+    # onnxruntime agrees to 1e-5 relative (optimize raised otherwise; check the report too)
+    assert report.max_rel_error <= 1e-5
+    # model-level fields are kept
+    assert new.ir_version == model.ir_version
+    assert list(new.opset_import) == list(model.opset_import)
+    assert [i.name for i in new.graph.input] == ["x"]
+    assert [o.name for o in new.graph.output] == ["z"]
+    lowering = layer.lowering
+    ops = [n.op_type for n in new.graph.node]
+    if spec.opset >= 19 or (spec.dilations and any(d > 1 for d in spec.dilations)):
+        assert "AveragePool" not in ops
+    assert lowering.channel in (None, "cumsum", "matrix")
+    assert not any(n.op_type == "AveragePool" and len(n.input) and _rank5(new, n) for n in new.graph.node)
+
+
+def _rank5(model, node) -> bool:
+    """True when an AveragePool pools over more spatial axes than the conv has (3-D pooling of channels)."""
+    kernel = next(a.ints for a in node.attribute if a.name == "kernel_shape")
+    conv = next(n for n in model.graph.node if n.name == "conv")
+    return len(kernel) != len(next(a.ints for a in conv.attribute if a.name == "kernel_shape"))
+
+
+@given(conv_specs(structured=False))
+@SETTINGS
+def test_random_weights_are_left_untouched(spec):
+    model, new, report = _optimize(spec, select="all")
+    (layer,) = report.plan.layers
+    assert not layer.rewritten
+    assert layer.best is None
+    assert new.SerializeToString() == model.SerializeToString()
+
+
+def _rewrite_with(spec: ConvSpec, lowering) -> tuple:
+    """Rewrite the single layer of ``spec`` with a forced lowering; return (original, rewritten)."""
+    import onnx_graphsurgeon as gs
+
+    from sconv_onnx.api import _all_names, _analyse
+    from sconv_onnx.modelio import restore_model_fields
+    from sconv_onnx.passes import structured_conv
+
+    shapes = {"x": spec.input_shape}
+    analysis = _analyse(make_model(spec), 1e-4, "all", shapes, None, strict=True)
+    ((rewrite_pass, site),), (layer,) = analysis.sites, analysis.plan.layers
+    options = structured_conv.lowering_options(site, layer.chosen)
+    layer.lowering = options[lowering % len(options)]
+    rewrite_pass.rewrite(site, layer, _all_names(analysis.graph))
+    new = gs.export_onnx(analysis.graph, do_type_check=False)
+    restore_model_fields(analysis.model, new)
+    return analysis.model, new, layer.lowering
+
+
+@given(conv_specs(structured=True), st.integers(0, 5))
+@SETTINGS
+def test_every_valid_lowering_is_exact(spec, choice):
+    from sconv_onnx.verify import compare_outputs, random_feeds, run
+
+    if spec.sizes == (spec.in_per_group,) + spec.kernel:
+        return
+    original, new, lowering = _rewrite_with(spec, choice)
+    event(f"lowering {lowering.label()}")
+    feeds = random_feeds(original, {"x": spec.input_shape}, seed=spec.seed)
+    (error,) = compare_outputs(run(original, feeds), run(new, feeds))
+    assert error.max_rel <= 1e-5, (lowering, error)

@@ -1,0 +1,94 @@
+"""The structure math, with numpy alone."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sconv_onnx import structure as S
+
+
+def test_box_basis_columns_are_shifted_windows():
+    basis = S.box_basis(4, 2)
+    np.testing.assert_array_equal(basis, [[1, 0], [1, 1], [1, 1], [0, 1]])
+    np.testing.assert_array_equal(S.box_basis(3, 3), np.eye(3))
+    with pytest.raises(ValueError):
+        S.box_basis(3, 4)
+
+
+def test_expand_matches_explicit_sum_of_boxes():
+    rng = np.random.default_rng(1)
+    alpha = rng.standard_normal((2, 2, 2, 3))
+    weight = S.expand(alpha, (2, 4, 3, 5))
+    manual = np.zeros((2, 4, 3, 5))
+    for o in range(2):
+        for j in range(2):
+            for a in range(2):
+                for b in range(3):
+                    manual[o, j : j + 3, a : a + 2, b : b + 3] += alpha[o, j, a, b]
+    np.testing.assert_allclose(weight, manual)
+
+
+@given(
+    out=st.integers(1, 3),
+    channels=st.integers(1, 6),
+    kernel=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    data=st.data(),
+)
+@settings(max_examples=60, deadline=None)
+def test_fit_recovers_alpha_and_residual_is_zero(out, channels, kernel, data):
+    sizes = (data.draw(st.integers(1, channels)),) + tuple(data.draw(st.integers(1, k)) for k in kernel)
+    alpha = np.random.default_rng(0).standard_normal((out,) + sizes)
+    weight = S.expand(alpha, (out, channels) + tuple(kernel))
+    np.testing.assert_allclose(S.fit_alpha(weight, sizes), alpha, atol=1e-10)
+    assert S.relative_residual(weight, sizes) < 1e-12
+    found = S.search(weight, 1e-6)
+    assert found[0].dof <= int(np.prod(sizes))
+    assert any(s.sizes == sizes for s in found)
+
+
+def test_random_weight_has_only_the_trivial_structure():
+    weight = np.random.default_rng(2).standard_normal((8, 6, 3, 3))
+    found = S.search(weight, 1e-4)
+    assert [s.sizes for s in found] == [(6, 3, 3)]
+
+
+def test_subspaces_are_not_nested_so_every_size_is_searched():
+    # structured at n=1 (a box sum of all 3 taps) but not at n=2
+    alpha = np.random.default_rng(3).standard_normal((4, 2, 1))
+    weight = S.expand(alpha, (4, 2, 3))
+    assert S.relative_residual(weight, (2, 1)) < 1e-12
+    assert S.relative_residual(weight, (2, 2)) > 0.01
+    # and the reverse: structured at n=2, not at n=1
+    weight2 = S.expand(np.random.default_rng(4).standard_normal((4, 2, 2)), (4, 2, 3))
+    assert S.relative_residual(weight2, (2, 1)) > 0.01
+    assert S.search(weight2, 1e-6)[0].sizes == (2, 2)
+
+
+def test_residual_is_relative_and_zero_weight_is_structured():
+    weight = S.expand(np.ones((1, 1, 2)), (1, 1, 3))
+    noisy = weight + 1e-3 * np.random.default_rng(5).standard_normal(weight.shape)
+    assert 0 < S.relative_residual(noisy, (1, 2)) < 1e-2
+    assert S.relative_residual(1000 * noisy, (1, 2)) == pytest.approx(S.relative_residual(noisy, (1, 2)))
+    assert S.relative_residual(np.zeros((2, 3, 3)), (1, 1)) == 0.0
+
+
+@given(channels=st.integers(2, 14), columns=st.integers(1, 20), seed=st.integers(0, 1000))
+@settings(max_examples=60, deadline=None)
+def test_channel_screen_is_a_lower_bound_of_the_exact_residual(channels, columns, seed):
+    weight = np.random.default_rng(seed).standard_normal((columns, channels, 1))
+    bounds, sketched = S.channel_lower_bounds(weight)
+    assert not sketched
+    norm = np.linalg.norm(weight)
+    for under in range(1, channels + 1):
+        exact = S._axis_residual(weight, 1, under, norm)
+        assert bounds[under - 1] <= exact + 1e-12
+
+
+def test_search_finds_channel_structure_of_a_wide_layer():
+    # wide enough for the sketched screen (weights of 64 x 256 x 3 x 3)
+    alpha = np.random.default_rng(6).standard_normal((64, 128, 2, 2))
+    weight = S.expand(alpha, (64, 256, 3, 3)).astype(np.float32)
+    best = S.search(weight, 1e-4)[0]
+    assert best.sizes == (128, 2, 2)
+    assert best.residual < 1e-6

@@ -9,7 +9,7 @@ import math
 import os
 
 from conv_models import ConvSpec, make_model, weight_elements
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import sconv_onnx
@@ -28,7 +28,7 @@ def conv_specs(draw, structured: bool = True) -> ConvSpec:
     depthwise = draw(st.booleans())
     group = draw(st.integers(1, 3)) if not depthwise else draw(st.integers(2, 4))
     in_per_group = 1 if depthwise else draw(st.integers(1, 6))
-    out_channels = group * draw(st.integers(1, 3))
+    out_channels = group * draw(st.integers(1 if group > 1 else 2, 3))
     strides = tuple(draw(st.integers(1, 3)) for _ in range(rank))
     dilations = tuple(draw(st.integers(1, 2)) for _ in range(rank))
     extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
@@ -65,8 +65,25 @@ def _optimize(spec: ConvSpec, **kwargs):
     return model, *sconv_onnx.optimize(model, input_shapes=shapes, max_error=1e-5, **kwargs)
 
 
+#: Kernels the issue names explicitly, always run whatever hypothesis draws.
+NAMED_KERNELS = [
+    ConvSpec(in_per_group=4, out_channels=6, group=1, kernel=(1, 3), spatial=(5, 9), pads=(0, 1, 0, 1),
+             sizes=(2, 1, 2)),
+    ConvSpec(in_per_group=3, out_channels=4, group=2, kernel=(3, 1), spatial=(9, 5), strides=(2, 1),
+             auto_pad="SAME_LOWER", sizes=(3, 1, 1), dynamic_batch=True, batch=2),
+    ConvSpec(in_per_group=1, out_channels=4, group=4, kernel=(5, 5), spatial=(11, 11),
+             pads=(2, 1, 2, 3), dilations=(2, 1), sizes=(1, 2, 3), opset=21),
+    ConvSpec(in_per_group=3, out_channels=8, group=1, kernel=(7, 7), spatial=(20, 20), strides=(2, 2),
+             pads=(3, 3, 3, 3), sizes=(3, 3, 3), weight_as_constant_node=True, opset=11),
+]
+
+
 @given(conv_specs(structured=True))
 @SETTINGS
+@example(NAMED_KERNELS[0])
+@example(NAMED_KERNELS[1])
+@example(NAMED_KERNELS[2])
+@example(NAMED_KERNELS[3])
 def test_structured_layers_are_rewritten_and_exact(spec):
     trivial = (spec.in_per_group,) + spec.kernel
     model, new, report = _optimize(spec, select="all")

@@ -102,16 +102,18 @@ def test_model_fields_value_info_and_names_are_kept():
     model.producer_name, model.producer_version, model.model_version = "tester", "9.9", 42
     model.doc_string = "a doc"
     model.metadata_props.add(key="author", value="someone")
-    model.graph.value_info.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 8, 8]))
+    model.graph.node.append(helper.make_node("Relu", ["z"], ["r"], name="relu"))
+    model.graph.output[0].name = "r"
+    model.graph.value_info.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 8, 8, 8]))
     new, _ = sconv_onnx.optimize(model, select="all")
     assert new.ir_version == 7
     assert [(o.domain, o.version) for o in new.opset_import] == [("", 13)]
     assert (new.producer_name, new.producer_version, new.model_version) == ("tester", "9.9", 42)
     assert new.doc_string == "a doc"
     assert {p.key: p.value for p in new.metadata_props} == {"author": "someone"}
-    assert "y" in {v.name for v in new.graph.value_info}
+    assert "z" in {v.name for v in new.graph.value_info}
     assert [n.name for n in new.graph.node if n.op_type == "Conv"][-1] == "conv"
-    assert new.graph.node[-1].output[0] == "z"
+    assert new.graph.node[-1].output[0] == "r"
 
 
 def test_constant_node_weight_is_removed_and_shared_weight_is_kept():

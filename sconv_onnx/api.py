@@ -51,18 +51,23 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise InputError("model imports no default-domain opset")
 
 
+def _resolve_inputs(model, input_shapes, inputs, strict: bool) -> tuple[dict | None, ResolvedShapes]:
+    """User arrays (from a dict or an ``.npz``) and the concrete input shapes."""
+    feeds = None
+    if inputs is not None:
+        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        feeds = check_feeds(model, feeds)
+    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
+    return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
+
+
 def _analyse(model_or_path, tol, select, input_shapes, inputs, strict) -> _Analysis:
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise InputError(f"--tol must be a number >= 0, got {tol!r}")
     if select not in SELECT_MODES:
         raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
     model = load_model(model_or_path)
-    feeds = None
-    if inputs is not None:
-        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-        feeds = check_feeds(model, feeds)
-    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
-    shapes = resolve_input_shapes(model, hints, feeds, strict=strict)
+    feeds, shapes = _resolve_inputs(model, input_shapes, inputs, strict)
     static = infer_tensor_shapes(model)
     concrete = infer_tensor_shapes(with_input_shapes(model, shapes.shapes)) if shapes.shapes else static
     graph = gs.import_onnx(model)
@@ -195,12 +200,7 @@ def _verify(original, rewritten, analysis: _Analysis, seed: int):
 def verify_models(model_a, model_b, *, input_shapes=None, inputs=None, seed: int = 0):
     """Run two models on the same inputs; per-output errors of ``b`` against ``a``."""
     a, b = load_model(model_a), load_model(model_b)
-    feeds = None
-    if inputs is not None:
-        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-        feeds = check_feeds(a, feeds)
-    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
-    shapes = resolve_input_shapes(a, hints, feeds, strict=True)
+    feeds, shapes = _resolve_inputs(a, input_shapes, inputs, strict=True)
     feeds = feeds or random_feeds(a, shapes.shapes, seed)
     outputs = []
     for label, model in (("first", a), ("second", b)):

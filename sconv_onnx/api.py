@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
+from .bench import bench
 from .errors import InputError, VerificationError, first_line
+from .measure import Measurer
 from .modelio import load_model, restore_model_fields
 from .passes import PASSES
+from .passes.structured_conv import PlanContext
 from .plan import Plan
 from .report import Report
 from .shapes import (
@@ -28,7 +31,7 @@ from .verify import check_feeds, compare_outputs, random_feeds, run
 DEFAULT_TOL = 1e-4
 #: Default bound on the verified relative output error at the default tolerance.
 DEFAULT_MAX_ERROR = 1e-3
-SELECT_MODES = ("cost", "all")
+SELECT_MODES = ("cost", "all", "measured")
 
 
 @dataclass
@@ -61,7 +64,7 @@ def _resolve_inputs(model, input_shapes, inputs, strict: bool) -> tuple[dict | N
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
 
-def _analyse(model_or_path, tol, select, input_shapes, inputs, strict) -> _Analysis:
+def _analyse(model_or_path, tol, select, input_shapes, inputs, strict, threads=None) -> _Analysis:
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise InputError(f"--tol must be a number >= 0, got {tol!r}")
     if select not in SELECT_MODES:
@@ -73,11 +76,15 @@ def _analyse(model_or_path, tol, select, input_shapes, inputs, strict) -> _Analy
     graph = gs.import_onnx(model)
     opset = _default_opset(model)
     plan = Plan(tol=float(tol), select=select)
+    context = PlanContext(
+        tol=float(tol), select=select,
+        measurer=Measurer(threads=threads) if select == "measured" else None,
+    )
     sites = []
     for rewrite_pass in PASSES:
         for site in rewrite_pass.find(graph, static, concrete, opset):
             sites.append((rewrite_pass, site))
-            plan.layers.append(rewrite_pass.plan(site, tol, select))
+            plan.layers.append(rewrite_pass.plan(site, context))
     return _Analysis(model, graph, sites, plan, shapes, concrete, feeds)
 
 
@@ -88,13 +95,15 @@ def analyze(
     select: str = "cost",
     input_shapes=None,
     inputs=None,
+    threads: int | None = None,
 ) -> Plan:
     """Plan without rewriting: per layer the best structure, residual, cost and decision.
 
     ``input_shapes``: ``{name: shape}`` or ``["name:d1,d2", ...]``, used for
     MAC counts (dynamic dims without a hint leave MACs unknown).
     """
-    return _analyse(model_or_path, tol, select, input_shapes, inputs, strict=False).plan
+    return _analyse(model_or_path, tol, select, input_shapes, inputs, strict=False,
+                    threads=threads).plan
 
 
 def _all_names(graph: gs.Graph, names: set[str] | None = None) -> set[str]:
@@ -119,6 +128,7 @@ def optimize(
     verify: bool = True,
     max_error: float | None = None,
     seed: int = 0,
+    threads: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite every structured Conv the plan selects; verify with onnxruntime.
 
@@ -128,7 +138,9 @@ def optimize(
             ``||W - A alpha||_F / ||W||_F``; the default 1e-4 means exact
             structure.
         select: ``"cost"`` rewrites where the cost model predicts a gain,
-            ``"all"`` every layer within ``tol``.
+            ``"all"`` every layer within ``tol``, ``"measured"`` where the
+            cost model's best candidates, timed on the layer's real shapes,
+            are faster.
         input_shapes: ``{name: shape}`` or ``["name:d1,d2", ...]`` for
             dynamic dims (a dynamic leading batch dim defaults to 1).
         inputs: ``{name: array}`` or a path to an ``.npz`` of real inputs
@@ -139,6 +151,8 @@ def optimize(
             default ``tol`` and no bound (errors only reported) when ``tol``
             is loosened.
         seed: seed of the random verification inputs.
+        threads: intra-op threads for ``select="measured"`` timings
+            (default: the cores available).
 
     Returns:
         ``(model, report)``.  The input model is never modified.
@@ -148,12 +162,13 @@ def optimize(
         VerificationError: outputs differ beyond ``max_error``; its
             ``report`` attribute holds the report (exit code 1).
     """
-    analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify)
+    analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify,
+                        threads=threads)
     original = analysis.model
-    taken = _all_names(analysis.graph)
+    taken, pools = _all_names(analysis.graph), {}
     for (rewrite_pass, site), layer in zip(analysis.sites, analysis.plan.layers):
         if layer.rewritten:
-            rewrite_pass.rewrite(site, layer, taken)
+            rewrite_pass.rewrite(site, layer, taken, pools)
     if analysis.plan.rewritten:
         rewritten = gs.export_onnx(analysis.graph, do_type_check=False)
         restore_model_fields(original, rewritten)
@@ -213,4 +228,19 @@ def verify_models(model_a, model_b, *, input_shapes=None, inputs=None, seed: int
     return compare_outputs(outputs[0], outputs[1]), shapes
 
 
-__all__ = ["DEFAULT_MAX_ERROR", "DEFAULT_TOL", "analyze", "optimize", "verify_models"]
+def bench_models(models, *, names=None, input_shapes=None, inputs=None, seed: int = 0, **options):
+    """Time models (``ModelProto`` or paths) side by side on the same inputs.
+
+    ``options`` go to :func:`sconv_onnx.bench.bench` (threads, runs, warmup,
+    profile).  Inputs are resolved from the first model.
+    """
+    loaded = [load_model(model) for model in models]
+    feeds, shapes = _resolve_inputs(loaded[0], input_shapes, inputs, strict=True)
+    feeds = feeds or random_feeds(loaded[0], shapes.shapes, seed)
+    try:
+        return bench(loaded, feeds, names=names, **options)
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
+        raise InputError(f"onnxruntime cannot run a model: {first_line(exc)}") from None
+
+
+__all__ = ["DEFAULT_MAX_ERROR", "DEFAULT_TOL", "analyze", "bench_models", "optimize", "verify_models"]

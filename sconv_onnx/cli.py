@@ -15,7 +15,16 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .api import DEFAULT_MAX_ERROR, DEFAULT_TOL, SELECT_MODES, analyze, optimize, verify_models
+from .api import (
+    DEFAULT_MAX_ERROR,
+    DEFAULT_TOL,
+    SELECT_MODES,
+    analyze,
+    bench_models,
+    optimize,
+    verify_models,
+)
+from .bench import default_threads, format_result
 from .errors import InputError, SconvError, VerificationError, first_line
 from .modelio import check_output_path, save_model_atomic, write_atomic
 from .report import layer_table
@@ -42,6 +51,13 @@ def _add_shape_options(parser: argparse.ArgumentParser, inputs: bool = True) -> 
         )
 
 
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"intra-op threads (default: the cores available, {default_threads()})")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Rewrite structured convolutions as sum-pool + small conv.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -54,7 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help=f"bound on each layer's relative weight residual (default {DEFAULT_TOL:g})")
     opt.add_argument("--select", choices=SELECT_MODES, default="cost",
                      help="cost: rewrite where the cost model predicts a gain (default); "
-                          "all: every layer within --tol")
+                          "all: every layer within --tol; measured: time the best candidates "
+                          "of each layer on its real shapes and keep only measured wins")
     _add_shape_options(opt)
     opt.add_argument("--max-error", type=float, default=None,
                      help=f"fail (exit 1, write nothing) above this relative output error "
@@ -62,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     opt.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     opt.add_argument("--quiet", action="store_true", help="print only the summary line")
+    opt.add_argument("--bench", action="store_true",
+                     help="time the original and the rewritten model side by side at the end")
+    _add_timing_options(opt)
 
     ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting")
     ana.add_argument("input", metavar="IN")
@@ -76,6 +96,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_shape_options(ver)
     ver.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
                      help=f"exit 1 above this relative error (default {DEFAULT_MAX_ERROR:g})")
+
+    ben = commands.add_parser("bench", help="time one model, or two side by side (A/B)")
+    ben.add_argument("first", metavar="A")
+    ben.add_argument("second", metavar="B", nargs="?")
+    _add_shape_options(ben)
+    _add_timing_options(ben)
+    ben.add_argument("--profile", action="store_true",
+                     help="add a per-op-type breakdown from onnxruntime's profiler")
+    ben.add_argument("--json", action="store_true", help="print the result as JSON")
 
     demo = commands.add_parser("demo", help="build the bundled example CNN, optimize and verify it")
     demo.add_argument("--out", metavar="DIR", default=None,
@@ -101,6 +130,7 @@ def _optimize(args) -> int:
         model, report = optimize(
             args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
             inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
+            threads=args.threads,
         )
     except VerificationError as exc:
         if exc.report is not None and not args.quiet:
@@ -112,6 +142,34 @@ def _optimize(args) -> int:
     if not args.quiet:
         print(report.format())
     print(_summary_line(report, args.output))
+    if args.bench:
+        result = bench_models(
+            [args.input, args.output], names=["original", "rewritten"], input_shapes=args.input_shape,
+            inputs=args.inputs, threads=args.threads, runs=args.runs, warmup=args.warmup,
+        )
+        print(format_result(result))
+    return 0
+
+
+def _check_positive(args) -> None:
+    for key in ("threads", "runs", "warmup"):
+        value = getattr(args, key, None)
+        if value is not None and (value < 1 if key != "warmup" else value < 0):
+            raise InputError(f"--{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {value}")
+
+
+def _bench(args) -> int:
+    paths = [args.first] + ([args.second] if args.second else [])
+    result = bench_models(
+        paths, names=["A", "B"][: len(paths)], input_shapes=args.input_shape, inputs=args.inputs,
+        threads=args.threads, runs=args.runs, warmup=args.warmup, profile=args.profile,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for name, path in zip(("A", "B"), paths):
+            print(f"{name}: {path}")
+        print(format_result(result))
     return 0
 
 
@@ -150,16 +208,20 @@ def _demo(args) -> int:
     return _optimize(argparse.Namespace(
         input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", input_shape=[],
         inputs=None, no_verify=False, max_error=None, report=None, quiet=False,
+        bench=True, threads=None, runs=50, warmup=10,
     ))
 
 
-_COMMANDS = {"optimize": _optimize, "analyze": _analyze, "verify": _verify, "demo": _demo}
+_COMMANDS = {
+    "optimize": _optimize, "analyze": _analyze, "verify": _verify, "bench": _bench, "demo": _demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     try:
         args = _build_parser().parse_args(argv)
+        _check_positive(args)
         return _COMMANDS[args.command](args)
     except SconvError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -88,9 +88,17 @@ def original_ops(geom: ConvGeometry) -> list[OpCost]:
 
 
 def lowered_ops(
-    geom: ConvGeometry, sizes: tuple[int, ...], channel: str | None, spatial: str | None
+    geom: ConvGeometry,
+    sizes: tuple[int, ...],
+    channel: str | None,
+    spatial: str | None,
+    shared: frozenset[str] = frozenset(),
 ) -> list[OpCost]:
-    """Channel pool, spatial sum-pool and small Conv for structure ``sizes``."""
+    """Channel pool, spatial sum-pool and small Conv for structure ``sizes``.
+
+    ``shared`` names the pools (``"channel"``, ``"spatial"``) that another
+    layer already computes on the same input: they cost nothing here.
+    """
     under_c, under_k = sizes[0], sizes[1:]
     per_group = geom.in_channels_per_group
     window = tuple(k - n + 1 for k, n in zip(geom.kernel, under_k))
@@ -99,7 +107,9 @@ def lowered_ops(
     pooled_channels = geom.in_channels
     if channel is not None:
         pooled_channels = geom.group * under_c
-        if channel == "cumsum":
+        if "channel" in shared:
+            pass
+        elif channel == "cumsum":
             inputs = geom.in_channels * full_positions
             macs = inputs + 2 * pooled_channels * full_positions
             ops.append(OpCost("CumSum", macs, CUMSUM_ELEMENT * inputs))
@@ -111,7 +121,7 @@ def lowered_ops(
                     (geom.in_channels + pooled_channels) * full_positions,
                 )
             )
-    if spatial is not None:
+    if spatial is not None and "spatial" not in shared:
         positions = geom.pooled_positions(window)
         ops.append(
             _op(

@@ -148,7 +148,7 @@ def _rewrite_with(spec: ConvSpec, lowering) -> tuple:
     ((rewrite_pass, site),), (layer,) = analysis.sites, analysis.plan.layers
     options = structured_conv.lowering_options(site, layer.chosen)
     layer.lowering = options[lowering % len(options)]
-    rewrite_pass.rewrite(site, layer, _all_names(analysis.graph))
+    rewrite_pass.rewrite(site, layer, _all_names(analysis.graph), {})
     new = gs.export_onnx(analysis.graph, do_type_check=False)
     restore_model_fields(analysis.model, new)
     return analysis.model, new, layer.lowering

@@ -16,7 +16,7 @@ with the original bias and output (DESIGN.md section 1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,6 +31,10 @@ OP_TYPE = "Conv"
 AVGPOOL_SLOW_OPSET = 19
 #: First opset with CumSum.
 CUMSUM_OPSET = 11
+#: Candidates (best predicted first) timed per layer by ``select="measured"``.
+MEASURED_CANDIDATES = 4
+#: A measured rewrite must run at most this fraction of the original's time.
+MEASURED_MARGIN = 0.97
 
 
 @dataclass
@@ -188,13 +192,57 @@ def lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
     return [Lowering(c, s) for c in channel for s in spatial]
 
 
-def plan(site: ConvSite, tol: float, select: str) -> LayerPlan:
+@dataclass
+class PlanContext:
+    """Settings and state shared by the plans of one model.
+
+    ``shared_pools`` maps the key of every pool a planned rewrite emits to the
+    node that emits it, so that a later layer reading the same tensor with
+    the same pool reuses it (e.g. a ResNet block's 3x3 conv and its 1x1
+    shortcut) and the cost model charges it once.  ``measurer`` times
+    candidates for ``select="measured"``.
+    """
+
+    tol: float
+    select: str
+    shared_pools: dict = field(default_factory=dict)
+    measurer: object | None = None
+
+
+def pool_keys(site: ConvSite, structure: Structure, lowering: Lowering) -> dict[str, tuple]:
+    """Keys that identify the channel and spatial pools of a candidate.
+
+    Two layers with equal keys compute the same tensor: same input, same
+    lowering, same window (and, for the spatial pool, dilation and pads).
+    """
+    geom = site.geometry
+    keys: dict[str, tuple] = {}
+    source: tuple = (site.node.inputs[0].name,)
+    if lowering.channel:
+        source = keys["channel"] = (
+            "channel", source, lowering.channel, geom.group, geom.in_channels_per_group,
+            structure.channels,
+        )
+    if lowering.spatial:
+        window = tuple(k - n + 1 for k, n in zip(geom.kernel, structure.kernel))
+        keys["spatial"] = ("spatial", source, lowering.spatial, window, geom.dilations, geom.pads)
+    return keys
+
+
+def _shared(site, structure, lowering, context: PlanContext) -> frozenset[str]:
+    keys = pool_keys(site, structure, lowering)
+    return frozenset(kind for kind, key in keys.items() if key in context.shared_pools)
+
+
+def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     """Decide ``site``: the structure, the lowering, and the reason.
 
     ``select="all"`` rewrites with the fewest-degrees-of-freedom structure
     within ``tol``; ``select="cost"`` rewrites with the structure and lowering
     of least predicted cost, and only if that is below
-    :data:`cost.GAIN_MARGIN` of the original.
+    :data:`cost.GAIN_MARGIN` of the original; ``select="measured"`` times the
+    cost model's best candidates on the layer's real shapes and keeps only a
+    measured win (below :data:`MEASURED_MARGIN` of the original).
     """
     node = site.node
     layer = LayerPlan(
@@ -211,44 +259,71 @@ def plan(site: ConvSite, tol: float, select: str) -> LayerPlan:
     before = cost.original_ops(geom)
     layer.cost_before = cost.total_cost(before)
     layer.macs_before = cost.total_macs(geom, before)
-    structures = search(site.weight, tol)
+    structures = search(site.weight, context.tol)
     trivial = tuple(site.weight.shape[1:])
     nontrivial = [s for s in structures if s.sizes != trivial]
     if not nontrivial:
-        layer.reason = f"no structure within tol {tol:g}"
+        layer.reason = f"no structure within tol {context.tol:g}"
         return layer
     layer.best = nontrivial[0]
     scored = []
-    for structure in nontrivial if select != "all" else nontrivial[:1]:
+    for structure in nontrivial if context.select != "all" else nontrivial[:1]:
         for lowering in lowering_options(site, structure):
-            ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial)
-            scored.append((cost.total_cost(ops), structure.dof, structure, lowering, ops))
-    predicted, _, structure, lowering, ops = min(scored, key=lambda item: item[:2])
+            shared = _shared(site, structure, lowering, context)
+            ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial, shared)
+            scored.append((cost.total_cost(ops), structure.dof, structure, lowering, ops, shared))
+    scored.sort(key=lambda item: item[:2])
+    choice = scored[0]
+    measured = None
+    if context.select == "measured" and context.measurer is not None and geom.in_spatial:
+        top = scored[:MEASURED_CANDIDATES]
+        ratios = context.measurer.ratios(site, [(item[2], item[3]) for item in top])
+        measured, choice = min(zip(ratios, top), key=lambda pair: pair[0])
+    predicted, _, structure, lowering, ops, shared = choice
     ratio = predicted / layer.cost_before
     layer.chosen, layer.lowering, layer.cost_after = structure, lowering, predicted
+    layer.measured_ratio = measured
     layer.macs_after = cost.total_macs(geom, ops)
     layer.params_after = (
         geom.out_channels * structure.dof
         + site.bias_size
         + pool_constant_count(
-            lowering.channel, lowering.spatial, geom.group, geom.in_channels_per_group,
-            structure.sizes, geom.kernel,
+            lowering.channel if "channel" not in shared else None,
+            lowering.spatial if "spatial" not in shared else None,
+            geom.group, geom.in_channels_per_group, structure.sizes, geom.kernel,
         )
     )
-    if select == "all":
+    sharing = f"; shares {'+'.join(sorted(shared))} pool" if shared else ""
+    if context.select == "all":
         layer.decision = REWRITE
-        layer.reason = f"select=all; predicted time {ratio:.2f}x"
+        layer.reason = f"select=all; predicted time {ratio:.2f}x{sharing}"
+    elif measured is not None:
+        won = measured <= MEASURED_MARGIN
+        layer.decision = REWRITE if won else KEEP
+        layer.reason = (
+            f"measured {measured:.2f}x (predicted {ratio:.2f}x){sharing}" if won
+            else f"no measured gain ({structure.label()} {lowering.label()}: {measured:.2f}x)"
+        )
     elif ratio <= cost.GAIN_MARGIN:
         layer.decision = REWRITE
-        layer.reason = f"predicted time {ratio:.2f}x"
+        layer.reason = f"predicted time {ratio:.2f}x{sharing}"
     else:
         layer.decision = KEEP
         layer.reason = f"no gain predicted ({structure.label()} {lowering.label()}: {ratio:.2f}x)"
+    if context.select == "measured" and measured is None:
+        layer.reason += " (not measured: input shape unknown)"
+    if layer.rewritten:
+        for key in pool_keys(site, structure, lowering).values():
+            context.shared_pools.setdefault(key, site.name)
     return layer
 
 
-def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str]) -> None:
-    """Replace ``site``'s Conv in place by sum-pool nodes and a Conv with alpha."""
+def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str], pools: dict) -> None:
+    """Replace ``site``'s Conv in place by sum-pool nodes and a Conv with alpha.
+
+    ``pools`` maps pool keys (:func:`pool_keys`) to tensors already emitted
+    for an earlier layer; new pools are added to it.
+    """
     node, geom, structure, lowering = site.node, site.geometry, layer.chosen, layer.lowering
     dtype = site.weight.dtype
     rank = len(geom.kernel)
@@ -257,20 +332,25 @@ def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str]) -> None:
     if lowering.spatial == "avgpool":
         alpha = alpha * math.prod(window)
     emitter = NodeEmitter(site.graph, node, site.name, taken_names)
+    keys = pool_keys(site, structure, lowering)
     old_weight = node.inputs[1]
     x = node.inputs[0]
     channels = geom.in_channels
     if lowering.channel:
-        x = emit_channel_pool(
-            emitter, x, lowering.channel, geom.group, geom.in_channels_per_group,
-            structure.channels, rank, dtype,
-        )
         channels = geom.group * structure.channels
+        if keys["channel"] not in pools:
+            pools[keys["channel"]] = emit_channel_pool(
+                emitter, x, lowering.channel, geom.group, geom.in_channels_per_group,
+                structure.channels, rank, dtype,
+            )
+        x = pools[keys["channel"]]
     conv_pads = geom.pads
     if lowering.spatial:
-        x = emit_spatial_pool(
-            emitter, x, lowering.spatial, channels, window, geom.dilations, geom.pads, dtype
-        )
+        if keys["spatial"] not in pools:
+            pools[keys["spatial"]] = emit_spatial_pool(
+                emitter, x, lowering.spatial, channels, window, geom.dilations, geom.pads, dtype
+            )
+        x = pools[keys["spatial"]]
         conv_pads = (0,) * (2 * rank)
     node.inputs[0] = x
     node.inputs[1] = emitter.constant("alpha", alpha.astype(dtype))

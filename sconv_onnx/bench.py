@@ -1,0 +1,164 @@
+"""Timing in onnxruntime, done so that A/B ratios can be trusted.
+
+Rules (DESIGN.md section 2, measured here): every session has a fixed number
+of intra-op threads and *spinning disabled* (the idle threads of one
+session otherwise steal the cores of the other); models are run
+interleaved, in alternating order, after a warm-up; the A/B figure is the
+median of per-pair ratios, not a ratio of medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def default_threads() -> int:
+    """Cores available to this process (the default ``--threads``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def timing_session(
+    model: onnx.ModelProto, threads: int, profile_dir: str | None = None
+) -> ort.InferenceSession:
+    """A CPU session for timing: ``threads`` intra-op threads, no spinning, sequential."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "profile")
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+@dataclass
+class Timing:
+    """Latency of one model in milliseconds."""
+
+    name: str
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass
+class BenchResult:
+    """Timings of one or more models run side by side.
+
+    ``ratios[i]`` is the median over rounds of ``t_i / t_0`` (model ``i``
+    against the first), measured in the same round.
+    """
+
+    threads: int
+    runs: int
+    warmup: int
+    timings: list[Timing]
+    ratios: list[float]
+    profile: dict[str, list[float]] | None = field(default=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_sessions(sessions: list, feeds: dict, runs: int, warmup: int) -> np.ndarray:
+    """Seconds per run, shape ``(len(sessions), runs)``, interleaved in rotating order.
+
+    Round ``r`` starts with session ``r mod n`` so that no model always runs
+    first (or right after another particular one).
+    """
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    count = len(sessions)
+    seconds = np.zeros((count, runs))
+    for round_index in range(runs):
+        for offset in range(count):
+            index = (round_index + offset) % count
+            start = time.perf_counter()
+            sessions[index].run(None, feeds)
+            seconds[index, round_index] = time.perf_counter() - start
+    return seconds
+
+
+def bench(
+    models: list[onnx.ModelProto],
+    feeds: dict,
+    *,
+    names: list[str] | None = None,
+    threads: int | None = None,
+    runs: int = 100,
+    warmup: int = 10,
+    profile: bool = False,
+) -> BenchResult:
+    """Time ``models`` side by side on ``feeds``; optionally profile each per op type."""
+    threads = threads or default_threads()
+    names = names or [f"model {i}" for i in range(len(models))]
+    sessions = [timing_session(model, threads) for model in models]
+    seconds = time_sessions(sessions, feeds, runs, warmup)
+    timings = [
+        Timing(name, float(np.median(row) * 1e3), float(np.percentile(row, 90) * 1e3), runs)
+        for name, row in zip(names, seconds)
+    ]
+    ratios = [float(np.median(row / seconds[0])) for row in seconds]
+    result = BenchResult(threads, runs, warmup, timings, ratios)
+    if profile:
+        per_model = [profile_op_types(model, feeds, threads, max(10, runs // 4)) for model in models]
+        ops = sorted(set().union(*per_model), key=lambda op: -max(p.get(op, 0) for p in per_model))
+        result.profile = {op: [p.get(op, 0.0) for p in per_model] for op in ops}
+    return result
+
+
+def profile_op_types(model: onnx.ModelProto, feeds: dict, threads: int, runs: int) -> dict[str, float]:
+    """Milliseconds per run spent in each op type, from onnxruntime's profiler.
+
+    Op types are onnxruntime's after its graph optimizations (e.g. a Conv
+    fused with its Relu shows as ``FusedConv``; NCHWc kernels as ``Conv`` of
+    the ``com.microsoft.nchwc`` domain, with ``ReorderInput``/``ReorderOutput``).
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        sess = timing_session(model, threads, profile_dir=folder)
+        for _ in range(runs):
+            sess.run(None, feeds)
+        path = sess.end_profiling()
+        with open(path) as handle:
+            events = json.load(handle)
+    totals: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            totals[event["args"].get("op_name", "?")] += event["dur"] / 1e3
+    return {op: total / runs for op, total in totals.items()}
+
+
+def format_result(result: BenchResult) -> str:
+    """The bench table, the A/B line and, with a profile, the per-op-type table."""
+    from .report import table
+
+    rows = [[t.name, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}"] for t in result.timings]
+    lines = [table(["model", "median ms", "p90 ms"], rows)]
+    for timing, ratio in zip(result.timings[1:], result.ratios[1:]):
+        lines.append(
+            f"{timing.name} / {result.timings[0].name}: {ratio:.3f} "
+            f"(median of {result.runs} per-pair ratios; {result.threads} threads, spinning off)"
+        )
+    if result.profile:
+        header = ["op type"] + [f"{t.name} ms/run" for t in result.timings]
+        rows = [[op] + [f"{v:.3f}" for v in values] for op, values in result.profile.items()]
+        lines += ["", "per op type (onnxruntime profiler, after its graph optimizations):",
+                  table(header, rows)]
+    return "\n".join(lines)

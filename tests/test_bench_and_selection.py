@@ -1,0 +1,132 @@
+"""bench output, cost-model decisions on known cases, shared pools, measured selection."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conv_models import ConvSpec, make_model
+from onnx import TensorProto, helper, numpy_helper
+
+import sconv_onnx
+from sconv_onnx.cli import main
+from sconv_onnx.models import demo_cnn
+from sconv_onnx.passes.structured_conv import MEASURED_MARGIN
+from sconv_onnx.structure import expand
+
+
+@pytest.fixture
+def pair(tmp_path):
+    source, target = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(demo_cnn.build(), str(source))
+    assert main(["optimize", str(source), str(target), "--quiet"]) == 0
+    return source, target
+
+
+def test_bench_prints_medians_and_the_pair_ratio(pair, capsys):
+    capsys.readouterr()
+    assert main(["bench", *map(str, pair), "--runs", "5", "--warmup", "1", "--threads", "1",
+                 "--profile"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("A: ") and lines[1].startswith("B: ")
+    assert lines[2].split() == ["model", "median", "ms", "p90", "ms"]
+    assert "B / A: " in out and "median of 5 per-pair ratios; 1 threads, spinning off" in out
+    assert "per op type" in out and "AveragePool" in out
+
+
+def test_bench_json_has_timings_ratios_and_profile(pair, capsys):
+    capsys.readouterr()
+    assert main(["bench", *map(str, pair), "--runs", "4", "--warmup", "0", "--json", "--profile"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"threads", "runs", "warmup", "timings", "ratios", "profile"}
+    assert [t["name"] for t in result["timings"]] == ["A", "B"]
+    assert all(t["median_ms"] > 0 and t["p90_ms"] >= t["median_ms"] for t in result["timings"])
+    assert result["ratios"][0] == 1.0 and result["ratios"][1] > 0
+    assert all(len(values) == 2 for values in result["profile"].values())
+    assert result["profile"]["Conv"][0] > 0
+
+
+def test_bench_single_model_and_bad_counts(pair, capsys):
+    capsys.readouterr()
+    assert main(["bench", str(pair[0]), "--runs", "3", "--warmup", "0"]) == 0
+    assert " / " not in capsys.readouterr().out
+    assert main(["bench", str(pair[0]), "--runs", "0"]) == 2
+    assert "--runs must be >= 1" in capsys.readouterr().err
+
+
+def test_optimize_bench_prints_the_ab_line(pair, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "c.onnx"
+    assert main(["optimize", str(pair[0]), str(out), "--quiet", "--bench", "--runs", "3",
+                 "--warmup", "0"]) == 0
+    assert "rewritten / original: " in capsys.readouterr().out
+
+
+def test_cost_model_skips_1x1_channel_pooling_where_it_loses():
+    # c = C/2 on a 1x1 conv with C = O = 64: the pool costs as much as it saves
+    spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(1, 1), spatial=(28, 28),
+                    sizes=(32, 1, 1))
+    layer = sconv_onnx.analyze(make_model(spec)).layers[0]
+    assert layer.best.sizes == (32, 1, 1)
+    assert layer.decision == "keep" and "no gain predicted" in layer.reason
+    # wide enough, it pays (CumSum measured 0.81x at C = 512)
+    spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(1, 1), spatial=(7, 7),
+                    sizes=(256, 1, 1))
+    layer = sconv_onnx.analyze(make_model(spec)).layers[0]
+    assert layer.decision == "rewrite" and layer.lowering.channel == "cumsum"
+
+
+def test_cost_model_prefers_spatial_structure_alone_when_channel_pooling_costs_more():
+    # structured at c = C - 1 (window of 2 channels): pooling saves almost nothing
+    spec = ConvSpec(in_per_group=32, out_channels=32, group=1, kernel=(3, 3), spatial=(14, 14),
+                    pads=(1, 1, 1, 1), sizes=(31, 2, 2))
+    layer = sconv_onnx.analyze(make_model(spec)).layers[0]
+    assert layer.best.sizes == (31, 2, 2)
+    assert layer.decision == "rewrite" and layer.chosen.sizes == (32, 2, 2)
+    assert layer.lowering.channel is None
+
+
+def _resnet_like_block(channels: int = 64) -> onnx.ModelProto:
+    """x -> conv3x3/2 (c=C/2, n=2) and x -> conv1x1/2 (c=C/2): both read x, same channel pool."""
+    rng = np.random.default_rng(0)
+    w3 = expand(rng.standard_normal((2 * channels, channels // 2, 2, 2)),
+                (2 * channels, channels, 3, 3)).astype(np.float32)
+    w1 = expand(rng.standard_normal((2 * channels, channels // 2, 1, 1)),
+                (2 * channels, channels, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w3"], ["a"], name="conv3x3", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w1"], ["b"], name="downsample", strides=[2, 2]),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2 * channels, 14, 14])],
+        [numpy_helper.from_array(w3, "w3"), numpy_helper.from_array(w1, "w1")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_layers_reading_the_same_tensor_share_one_channel_pool():
+    model = _resnet_like_block(512)
+    new, report = sconv_onnx.optimize(model)
+    first, second = report.plan.layers
+    assert first.rewritten and second.rewritten
+    assert first.lowering.channel == second.lowering.channel
+    assert "shares channel pool" in second.reason
+    pools = [n for n in new.graph.node if n.op_type == "CumSum" or
+             (n.op_type == "Conv" and n.name.endswith("sconv_channel_pool"))]
+    assert len(pools) == 1
+    # the shared pool's constants are counted once, with the first layer
+    assert second.params_after == second.weight_shape[0] * second.chosen.dof
+    assert report.max_rel_error < 1e-5
+
+
+def test_measured_selection_records_its_timings_and_keeps_only_wins():
+    model = _resnet_like_block(64)
+    new, report = sconv_onnx.optimize(model, select="measured", threads=1)
+    for layer in report.plan.layers:
+        assert layer.measured_ratio is not None and layer.measured_ratio > 0
+        assert layer.rewritten == (layer.measured_ratio <= MEASURED_MARGIN)
+        assert ("measured" in layer.reason)
+    assert report.max_rel_error < 1e-5

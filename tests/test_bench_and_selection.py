@@ -7,10 +7,10 @@ import onnx
 import pytest
 from conv_models import ConvSpec, make_model
 from onnx import TensorProto, helper, numpy_helper
+from sconv_onnx.models import demo_cnn
 
 import sconv_onnx
 from sconv_onnx.cli import main
-from sconv_onnx.models import demo_cnn
 from sconv_onnx.passes.structured_conv import MEASURED_MARGIN
 from sconv_onnx.structure import expand
 

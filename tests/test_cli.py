@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -191,7 +192,8 @@ def test_demo_runs_and_shows_the_tables(tmp_path, capsys):
 
 
 def test_console_script_and_module_entry_points(tmp_path):
-    for command in (["sconv-onnx"], [sys.executable, "-m", "sconv_onnx"]):
+    script = Path(sys.executable).with_name("sconv-onnx")  # installed beside this Python
+    for command in ([str(script)], [sys.executable, "-m", "sconv_onnx"]):
         done = subprocess.run(command + ["optimize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")],
                               capture_output=True, text=True, check=False)
         assert done.returncode == 2

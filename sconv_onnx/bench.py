@@ -76,22 +76,24 @@ class BenchResult:
         return asdict(self)
 
 
-def time_sessions(sessions: list, feeds: dict, runs: int, warmup: int) -> np.ndarray:
+def time_sessions(sessions: list, feeds: dict | list[dict], runs: int, warmup: int) -> np.ndarray:
     """Seconds per run, shape ``(len(sessions), runs)``, interleaved in rotating order.
 
-    Round ``r`` starts with session ``r mod n`` so that no model always runs
-    first (or right after another particular one).
+    ``feeds`` is one dict for all sessions or one per session.  Round ``r``
+    starts with session ``r mod n`` so that no model always runs first (or
+    right after another particular one).
     """
-    for sess in sessions:
+    feeds = feeds if isinstance(feeds, list) else [feeds] * len(sessions)
+    for sess, feed in zip(sessions, feeds):
         for _ in range(warmup):
-            sess.run(None, feeds)
+            sess.run(None, feed)
     count = len(sessions)
     seconds = np.zeros((count, runs))
     for round_index in range(runs):
         for offset in range(count):
             index = (round_index + offset) % count
             start = time.perf_counter()
-            sessions[index].run(None, feeds)
+            sessions[index].run(None, feeds[index])
             seconds[index, round_index] = time.perf_counter() - start
     return seconds
 

@@ -13,7 +13,7 @@ from .errors import InputError, VerificationError, first_line
 from .measure import Measurer
 from .modelio import load_model, restore_model_fields
 from .passes import PASSES
-from .passes.structured_conv import PlanContext
+from .passes.structured_conv import MEASURED_MARGIN, PlanContext
 from .plan import Plan
 from .report import Report
 from .shapes import (
@@ -32,6 +32,8 @@ DEFAULT_TOL = 1e-4
 #: Default bound on the verified relative output error at the default tolerance.
 DEFAULT_MAX_ERROR = 1e-3
 SELECT_MODES = ("cost", "all", "measured")
+#: Rounds of the whole-model A/B check that ``select="measured"`` ends with.
+WHOLE_MODEL_RUNS = 20
 
 
 @dataclass
@@ -64,7 +66,16 @@ def _resolve_inputs(model, input_shapes, inputs, strict: bool) -> tuple[dict | N
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
 
-def _analyse(model_or_path, tol, select, input_shapes, inputs, strict, threads=None) -> _Analysis:
+def _analyse(
+    model_or_path, tol, select, input_shapes, inputs, strict, threads=None, measurer=None,
+    excluded=None,
+) -> _Analysis:
+    """Load, resolve shapes, find every site and plan it.
+
+    ``measurer`` (``select="measured"``) is created unless given, so that a
+    caller planning twice reuses its timings; ``excluded`` maps node names
+    that must be kept to the reason.
+    """
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise InputError(f"--tol must be a number >= 0, got {tol!r}")
     if select not in SELECT_MODES:
@@ -76,10 +87,10 @@ def _analyse(model_or_path, tol, select, input_shapes, inputs, strict, threads=N
     graph = gs.import_onnx(model)
     opset = _default_opset(model)
     plan = Plan(tol=float(tol), select=select)
-    context = PlanContext(
-        tol=float(tol), select=select,
-        measurer=Measurer(threads=threads) if select == "measured" else None,
-    )
+    if select == "measured" and measurer is None:
+        measurer = Measurer(threads=threads)
+    context = PlanContext(tol=float(tol), select=select, measurer=measurer,
+                          excluded=dict(excluded or {}))
     sites = []
     for rewrite_pass in PASSES:
         for site in rewrite_pass.find(graph, static, concrete, opset):
@@ -162,19 +173,20 @@ def optimize(
         VerificationError: outputs differ beyond ``max_error``; its
             ``report`` attribute holds the report (exit code 1).
     """
-    analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify,
-                        threads=threads)
-    original = analysis.model
-    taken, pools = _all_names(analysis.graph), {}
-    for (rewrite_pass, site), layer in zip(analysis.sites, analysis.plan.layers):
-        if layer.rewritten:
-            rewrite_pass.rewrite(site, layer, taken, pools)
-    if analysis.plan.rewritten:
-        rewritten = gs.export_onnx(analysis.graph, do_type_check=False)
-        restore_model_fields(original, rewritten)
-    else:
-        rewritten = onnx.ModelProto()
-        rewritten.CopyFrom(original)
+    measurer = Measurer(threads=threads) if select == "measured" else None
+    excluded: dict[str, str] = {}
+    while True:
+        analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify,
+                            measurer=measurer, excluded=excluded)
+        original = analysis.model
+        rewritten = _rewrite(analysis)
+        if measurer is None or not analysis.plan.rewritten:
+            break
+        ratio = _whole_model_ratio(original, rewritten, analysis, measurer, seed)
+        analysis.plan.model_ratio = ratio
+        if ratio <= MEASURED_MARGIN:
+            break
+        _exclude_least_gainful(analysis.plan, ratio, excluded)
     if max_error is None and tol <= DEFAULT_TOL:
         max_error = DEFAULT_MAX_ERROR
     after_shapes = infer_tensor_shapes(with_input_shapes(rewritten, analysis.shapes.shapes))
@@ -195,6 +207,42 @@ def optimize(
                 report,
             )
     return rewritten, report
+
+
+def _rewrite(analysis: _Analysis) -> onnx.ModelProto:
+    """Apply every ``rewrite`` decision of the plan; a copy of the model if there are none."""
+    taken, pools = _all_names(analysis.graph), {}
+    for (rewrite_pass, site), layer in zip(analysis.sites, analysis.plan.layers):
+        if layer.rewritten:
+            rewrite_pass.rewrite(site, layer, taken, pools)
+    if not analysis.plan.rewritten:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(analysis.model)
+        return copy
+    rewritten = gs.export_onnx(analysis.graph, do_type_check=False)
+    restore_model_fields(analysis.model, rewritten)
+    return rewritten
+
+
+def _whole_model_ratio(original, rewritten, analysis: _Analysis, measurer, seed: int) -> float:
+    """Median per-round time ratio rewritten/original, side by side (``select="measured"``)."""
+    feeds = analysis.feeds or random_feeds(original, analysis.shapes.shapes, seed)
+    result = bench([original, rewritten], feeds, threads=measurer.threads,
+                   runs=WHOLE_MODEL_RUNS, warmup=3)
+    return result.ratios[1]
+
+
+def _exclude_least_gainful(plan: Plan, ratio: float, excluded: dict[str, str]) -> None:
+    """Keep, from now on, the half of the rewritten layers with the least measured gain.
+
+    Layers whose single-layer timing won can still lose inside the network
+    (caches, layouts, scheduling): the whole model is the arbiter.
+    """
+    rewritten = sorted(plan.rewritten, key=lambda layer: layer.measured_ratio or 0.0, reverse=True)
+    for layer in rewritten[: max(1, len(rewritten) // 2)]:
+        excluded[layer.node] = (
+            f"reverted: the whole model ran {ratio:.2f}x with {len(rewritten)} layers rewritten"
+        )
 
 
 def _verify(original, rewritten, analysis: _Analysis, seed: int):

@@ -5,19 +5,26 @@ Units.  Costs are in *MAC-equivalents per output position* of the layer
 and memory-bound work is charged per element it touches.  Decisions compare
 ratios, so the unit cancels out.
 
-Constants come from the measurements in DESIGN.md section 2 (onnxruntime CPU,
-2 cores):
+Constants are fitted by ``python benchmarks/calibrate.py`` (results and
+method in ``benchmarks/CALIBRATION.md``): every structured layer of the
+benchmark models is timed against each candidate rewrite, in context, on
+this machine (onnxruntime CPU, 2 threads), and a coordinate search picks the
+constants that best predict the measured time ratios.  What the fit says:
 
-* a 3x3 -> 2x2 rewrite ran at 0.47-0.51 of the time for a MAC ratio of 0.44,
-  and 0.44-0.58 in our own single-layer runs: small kernels run about 15 %
-  less efficiently per MAC (``SMALL_KERNEL``);
-* channel pooling by CumSum + Slice-difference: 1x1 convs with c = C/2 ran
-  at 1.03x (C=256) and 0.81x (C=512) of the original, i.e. about 150
-  MAC-equivalents per input element; for 3x3 convs it beats the 0/1 matrix
-  from C of about 256 on (0.30x vs 0.33x at C=512, 0.44x vs 0.40x at C=128);
-* a fixed 0/1 1x1 conv costs its MACs, like any dense conv;
-* depthwise and pooling work is memory-bound: ``MEMORY`` per element read or
-  written.
+* the layers are memory-bound more than MAC-bound: an element read or
+  written costs about ``MEMORY`` = 45 MAC-equivalents, a sum-pool's additions
+  almost nothing beyond their memory traffic;
+* every extra graph node costs about ``NODE_OVERHEAD`` (1e5 MAC-equivalents,
+  roughly a microsecond), which matters for layers with few output positions;
+* CumSum channel pooling leaves onnxruntime's NCHWc layout (reorders before
+  and after), about ``CUMSUM_ELEMENT`` = 110 MAC-equivalents per input
+  element: the 0/1 matrix conv beats it for most shapes;
+* a conv with a smaller kernel than the original runs about 10 % less
+  efficiently per MAC (``SMALL_KERNEL``).
+
+Measured there, and so predicted here: depthwise convs and 1x1 convs with
+channel pooling lose (0.9-2x slower) unless the pool is shared; 3x3 convs at
+``n=2`` win (0.33-0.8x).
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ import math
 from dataclasses import dataclass
 
 #: MAC-equivalents per tensor element read or written by an operator.
-MEMORY = 4.0
+MEMORY = 45.0
 #: MAC-equivalents per input element of the CumSum channel pooling.
-CUMSUM_ELEMENT = 150.0
+CUMSUM_ELEMENT = 110.0
 #: Relative cost of a MAC in a conv whose kernel is smaller than the original.
-SMALL_KERNEL = 1.15
+SMALL_KERNEL = 1.1
+#: MAC-equivalents per addition of a sum-pool (AveragePool or all-ones depthwise Conv).
+POOL_ADD = 0.0625
+#: MAC-equivalents per graph node and run (scheduling, allocation, layout).
+NODE_OVERHEAD = 1e5
 #: A rewrite must be predicted at most this fraction of the original's cost.
 GAIN_MARGIN = 0.9
 
@@ -68,23 +79,36 @@ class ConvGeometry:
 
 @dataclass(frozen=True)
 class OpCost:
-    """One operator of a lowering, per output position: its MACs and predicted cost."""
+    """One operator of a lowering, per output position of the layer.
+
+    ``macs``: multiply-adds (a pool's additions count as MACs);
+    ``elements``: tensor elements read and written; ``kind`` selects the
+    price of a MAC: ``"dense"`` (1), ``"small"`` (a conv with a smaller
+    kernel than the original, :data:`SMALL_KERNEL`), ``"pool"``
+    (:data:`POOL_ADD`) or ``"cumsum"`` (priced per input element,
+    :data:`CUMSUM_ELEMENT`, instead); ``nodes``: graph nodes it takes.
+    """
 
     op: str
     macs: float
-    cost: float
+    elements: float
+    kind: str = "dense"
+    nodes: int = 1
 
-
-def _op(op: str, macs: float, elements: float, mac_weight: float = 1.0) -> OpCost:
-    """An operator doing ``macs`` multiply-adds and touching ``elements`` elements."""
-    return OpCost(op, macs, macs * mac_weight + elements * MEMORY)
+    @property
+    def cost(self) -> float:
+        """Predicted time of this operator in MAC-equivalents per output position."""
+        if self.kind == "cumsum":
+            return self.elements * CUMSUM_ELEMENT
+        price = {"dense": 1.0, "small": SMALL_KERNEL, "pool": POOL_ADD}[self.kind]
+        return self.macs * price + self.elements * MEMORY
 
 
 def original_ops(geom: ConvGeometry) -> list[OpCost]:
     """The untouched Conv."""
     macs = geom.out_channels * geom.in_channels_per_group * math.prod(geom.kernel)
     elements = geom.in_channels * math.prod(geom.strides) + geom.out_channels
-    return [_op("Conv", macs, elements)]
+    return [OpCost("Conv", macs, elements)]
 
 
 def lowered_ops(
@@ -112,39 +136,40 @@ def lowered_ops(
         elif channel == "cumsum":
             inputs = geom.in_channels * full_positions
             macs = inputs + 2 * pooled_channels * full_positions
-            ops.append(OpCost("CumSum", macs, CUMSUM_ELEMENT * inputs))
+            ops.append(OpCost("CumSum", macs, inputs, kind="cumsum", nodes=6))
         else:
-            ops.append(
-                _op(
-                    "Conv",
-                    pooled_channels * per_group * full_positions,
-                    (geom.in_channels + pooled_channels) * full_positions,
-                )
-            )
+            ops.append(OpCost(
+                "Conv",
+                pooled_channels * per_group * full_positions,
+                (geom.in_channels + pooled_channels) * full_positions,
+            ))
     if spatial is not None and "spatial" not in shared:
         positions = geom.pooled_positions(window)
-        ops.append(
-            _op(
-                "AveragePool" if spatial == "avgpool" else "Conv",
-                pooled_channels * math.prod(window) * positions,
-                2 * pooled_channels * positions,
-            )
-        )
+        ops.append(OpCost(
+            "AveragePool" if spatial == "avgpool" else "Conv",
+            pooled_channels * math.prod(window) * positions,
+            2 * pooled_channels * positions,
+            kind="pool",
+        ))
     small_macs = geom.out_channels * under_c * math.prod(under_k)
-    ops.append(
-        _op(
-            "Conv",
-            small_macs,
-            pooled_channels * full_positions + geom.out_channels,
-            mac_weight=SMALL_KERNEL if tuple(under_k) != tuple(geom.kernel) else 1.0,
-        )
-    )
+    ops.append(OpCost(
+        "Conv",
+        small_macs,
+        pooled_channels * full_positions + geom.out_channels,
+        kind="small" if tuple(under_k) != tuple(geom.kernel) else "dense",
+    ))
     return ops
 
 
-def total_cost(ops: list[OpCost]) -> float:
-    """Predicted time in MAC-equivalents per output position."""
-    return sum(op.cost for op in ops)
+def total_cost(geom: ConvGeometry, ops: list[OpCost]) -> float:
+    """Predicted time in MAC-equivalents per output position.
+
+    Each graph node also costs :data:`NODE_OVERHEAD` once per run, spread
+    over the layer's output positions (when they are known).
+    """
+    positions = math.prod(geom.out_spatial) if geom.out_spatial else None
+    overhead = NODE_OVERHEAD * sum(op.nodes for op in ops) / positions if positions else 0.0
+    return sum(op.cost for op in ops) + overhead
 
 
 def total_macs(geom: ConvGeometry, ops: list[OpCost]) -> int | None:

@@ -21,7 +21,6 @@ threads), so the repeated blocks of a network are measured once.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -29,7 +28,6 @@ from onnx import helper, numpy_helper
 
 from .bench import default_threads, time_sessions, timing_session
 from .plan import REWRITE, LayerPlan
-
 
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                "tensor(double)": np.float64}

@@ -86,6 +86,8 @@ class Plan:
     tol: float
     select: str
     layers: list[LayerPlan] = field(default_factory=list)
+    #: ``select="measured"``: the whole rewritten model's time over the original's.
+    model_ratio: float | None = None
 
     @property
     def rewritten(self) -> list[LayerPlan]:
@@ -114,6 +116,7 @@ class Plan:
         return {
             "tol": self.tol,
             "select": self.select,
+            "model_ratio": self.model_ratio,
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": self.totals(),
         }

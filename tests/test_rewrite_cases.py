@@ -35,8 +35,9 @@ def test_wide_3x3_uses_cumsum_channel_pooling_and_avgpool():
 
 
 def test_small_channel_counts_prefer_the_matrix_conv():
-    spec = ConvSpec(in_per_group=16, out_channels=32, group=1, kernel=(3, 3), spatial=(16, 16),
-                    pads=(1, 1, 1, 1), sizes=(8, 2, 2))
+    # measured: matrix 0.57x, cumsum 0.78x of the original (benchmarks/CALIBRATION.md)
+    spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(3, 3), spatial=(56, 56),
+                    pads=(1, 1, 1, 1), sizes=(32, 2, 2))
     _, report = sconv_onnx.optimize(make_model(spec))
     assert report.plan.layers[0].lowering == Lowering("matrix", "avgpool")
 

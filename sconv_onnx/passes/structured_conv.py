@@ -204,13 +204,16 @@ class PlanContext:
     node that emits it, so that a later layer reading the same tensor with
     the same pool reuses it (e.g. a ResNet block's 3x3 conv and its 1x1
     shortcut) and the cost model charges it once.  ``measurer`` times
-    candidates for ``select="measured"``.
+    candidates for ``select="measured"``; ``excluded`` maps the names of
+    layers that must be kept to the reason (the whole-model check of
+    ``select="measured"``).
     """
 
     tol: float
     select: str
     shared_pools: dict = field(default_factory=dict)
     measurer: object | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
 def pool_keys(site: ConvSite, structure: Structure, lowering: Lowering) -> dict[str, tuple]:
@@ -263,7 +266,7 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     geom = site.geometry
     layer.params_before = int(site.weight.size) + site.bias_size
     before = cost.original_ops(geom)
-    layer.cost_before = cost.total_cost(before)
+    layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
     structures = search(site.weight, context.tol)
     trivial = tuple(site.weight.shape[1:])
@@ -277,7 +280,7 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
         for lowering in lowering_options(site, structure):
             shared = _shared(site, structure, lowering, context)
             ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial, shared)
-            scored.append((cost.total_cost(ops), structure.dof, structure, lowering, ops, shared))
+            scored.append((cost.total_cost(geom, ops), structure.dof, structure, lowering, ops, shared))
     scored.sort(key=lambda item: item[:2])
     choice = scored[0]
     measured = None
@@ -321,6 +324,8 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
         layer.reason = f"no gain predicted ({structure.label()} {lowering.label()}: {ratio:.2f}x)"
     if context.select == "measured" and measured is None:
         layer.reason += " (not measured: input shape unknown)"
+    if layer.rewritten and site.name in context.excluded:
+        layer.decision, layer.reason = KEEP, context.excluded[site.name]
     if layer.rewritten:
         for key in pool_keys(site, structure, lowering).values():
             context.shared_pools.setdefault(key, site.name)

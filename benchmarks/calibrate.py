@@ -1,0 +1,149 @@
+"""Calibrate the cost model's constants on this machine from single-layer timings.
+
+    python benchmarks/calibrate.py            # writes benchmarks/CALIBRATION.md
+
+Every structured layer of the benchmark models (full size, distinct shapes)
+is timed against each of its candidate rewrites with sconv_onnx.measure
+(layer in NCHWc context, side by side, median of per-round ratios).  A grid
+search then picks the constants of sconv_onnx.cost that best predict the
+measured ratios (least squares on log ratios).  Copy the winning constants
+into sconv_onnx/cost.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+from sconv_onnx.models.build import build
+
+from sconv_onnx import cost
+from sconv_onnx.api import _analyse
+from sconv_onnx.measure import Measurer
+from sconv_onnx.passes import structured_conv
+from sconv_onnx.report import table
+
+MODELS = ("struct_resnet18_b", "struct_resnet50_a", "struct_mobilenetv2", "struct_audio1d")
+#: The constants fitted and the values each may take (log-spaced).
+GRID = {
+    "MEMORY": tuple(np.geomspace(0.125, 128, 21)),
+    "CUMSUM_ELEMENT": tuple(np.geomspace(5, 640, 15)),
+    "SMALL_KERNEL": tuple(np.linspace(1.0, 2.5, 16)),
+    "POOL_ADD": tuple(np.geomspace(0.0625, 16, 17)),
+    "NODE_OVERHEAD": (0.0, *np.geomspace(1e3, 1e7, 17)),
+}
+
+
+def collect(models, measurer: Measurer) -> list[dict]:
+    """Measured samples: (site geometry, ops before, ops after, measured ratio)."""
+    samples, seen = [], set()
+    for name in models:
+        analysis = _analyse(build(name), 1e-4, "all", None, None, strict=False)
+        for (_, site), layer in zip(analysis.sites, analysis.plan.layers):
+            if layer.best is None or site.geometry is None or site.geometry.in_spatial is None:
+                continue
+            structures = [s for s in structured_conv.search(site.weight, 1e-4)
+                          if s.sizes != tuple(site.weight.shape[1:])][:3]
+            candidates = [(s, lowering, frozenset()) for s in structures
+                          for lowering in structured_conv.lowering_options(site, s)]
+            key = (site.geometry, tuple((c[0].sizes, c[1]) for c in candidates))
+            if key in seen:
+                continue
+            seen.add(key)
+            ratios = measurer.ratios(site, candidates)
+            for (structure, lowering, _), ratio in zip(candidates, ratios):
+                samples.append({
+                    "model": name, "layer": layer.node, "geom": site.geometry,
+                    "label": f"{structure.label()} {lowering.label()}",
+                    "before": cost.original_ops(site.geometry),
+                    "after": cost.lowered_ops(site.geometry, structure.sizes, lowering.channel,
+                                              lowering.spatial),
+                    "measured": ratio,
+                })
+            print(f"{name} {layer.node}: " + ", ".join(f"{r:.2f}" for r in ratios), flush=True)
+    return samples
+
+
+def predicted(sample: dict) -> float:
+    geom = sample["geom"]
+    return cost.total_cost(geom, sample["after"]) / cost.total_cost(geom, sample["before"])
+
+
+def score(samples: list[dict]) -> tuple[float, float]:
+    """RMS error of log ratios, and the share of keep/rewrite decisions that agree."""
+    errors, agree = [], 0
+    for sample in samples:
+        guess = predicted(sample)
+        errors.append(math.log(guess) - math.log(sample["measured"]))
+        agree += (guess <= cost.GAIN_MARGIN) == (sample["measured"] <= 0.97)
+    return float(np.sqrt(np.mean(np.square(errors)))), agree / len(samples)
+
+
+def fit(samples: list[dict], sweeps: int = 4) -> dict:
+    """Coordinate descent over :data:`GRID`: each constant in turn takes its best value."""
+    for _ in range(sweeps):
+        for key, values in GRID.items():
+            trials = []
+            for value in values:
+                setattr(cost, key, float(value))
+                trials.append((score(samples)[0], float(value)))
+            setattr(cost, key, min(trials)[1])
+    return {key: getattr(cost, key) for key in GRID}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--save", type=Path, help="also pickle the measured samples here")
+    parser.add_argument("--load", type=Path, help="fit samples pickled by --save (no timing)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("CALIBRATION.md"))
+    args = parser.parse_args(argv)
+    if args.load:
+        with open(args.load, "rb") as handle:
+            samples = pickle.load(handle)
+    else:
+        samples = collect(args.models, Measurer(threads=args.threads, runs=args.runs))
+    if args.save:
+        with open(args.save, "wb") as handle:
+            pickle.dump(samples, handle)
+    current = {key: getattr(cost, key) for key in GRID}
+    rms_before, agree_before = score(samples)
+    constants = fit(samples)
+    rms_after, agree_after = score(samples)
+    rows = [[s["model"], s["layer"], s["label"], f"{s['measured']:.2f}", f"{predicted(s):.2f}"]
+            for s in samples]
+    command = "python benchmarks/calibrate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n".join([
+        "# Cost model calibration",
+        "",
+        f"Made by `{command.strip()}` ({args.threads} threads, {args.runs} rounds per layer).",
+        "",
+        f"{len(samples)} candidate rewrites of {len({(s['model'], s['layer']) for s in samples})} "
+        "distinct layers, each timed against its original layer (in NCHWc context, side by side).",
+        "",
+        "| constant | before | fitted |",
+        "|---|---|---|",
+        *[f"| {key} | {current[key]:g} | {constants[key]:g} |" for key in GRID],
+        "",
+        f"RMS error of log(predicted/measured): {rms_before:.3f} before, {rms_after:.3f} fitted. "
+        f"Keep/rewrite decisions agreeing with the measurement: {agree_before:.0%} before, "
+        f"{agree_after:.0%} fitted.",
+        "",
+        "```",
+        table(["model", "layer", "candidate", "measured", "predicted (fitted)"], rows),
+        "```",
+        "",
+    ])
+    args.out.write_text(text)
+    print(f"fitted {constants}; rms {rms_before:.3f} -> {rms_after:.3f}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

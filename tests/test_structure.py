@@ -73,16 +73,27 @@ def test_residual_is_relative_and_zero_weight_is_structured():
     assert S.relative_residual(np.zeros((2, 3, 3)), (1, 1)) == 0.0
 
 
-@given(channels=st.integers(2, 14), columns=st.integers(1, 20), seed=st.integers(0, 1000))
+@given(channels=st.integers(2, 14), columns=st.integers(1, S.SKETCH_COLUMNS), seed=st.integers(0, 1000))
 @settings(max_examples=60, deadline=None)
 def test_channel_screen_is_a_lower_bound_of_the_exact_residual(channels, columns, seed):
     weight = np.random.default_rng(seed).standard_normal((columns, channels, 1))
     bounds, sketched = S.channel_lower_bounds(weight)
     assert not sketched
-    norm = np.linalg.norm(weight)
     for under in range(1, channels + 1):
-        exact = S._axis_residual(weight, 1, under, norm)
+        exact = S.relative_residual(weight, (under, 1))
         assert bounds[under - 1] <= exact + 1e-12
+
+
+@pytest.mark.parametrize("channels", [12, 600])
+def test_channel_screen_passes_every_exactly_structured_size(channels):
+    """Sketched (wide weights) and float32 (>= WIDE_CHANNELS) screens never reject a true structure."""
+    rng = np.random.default_rng(channels)
+    for under in (1, 2, channels // 2, channels - 2, channels - 1):
+        weight = S.expand(rng.standard_normal((40, under, 1)), (40, channels, 1))
+        bounds, sketched = S.channel_lower_bounds(weight)
+        assert sketched
+        assert bounds[under - 1] <= 1e-6, under
+        assert bounds[max(0, under - 2)] > 1e-3 or under == 1
 
 
 def test_search_finds_channel_structure_of_a_wide_layer():

@@ -187,6 +187,7 @@ def lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
         rank = len(window)
         avgpool_ok = (
             float32
+            and rank == 2  # 1-D AveragePool measured slower than the all-ones conv (audio1d)
             and site.opset < AVGPOOL_SLOW_OPSET
             and all(d == 1 for d in geom.dilations)
             and all(geom.pads[i] < window[i] and geom.pads[rank + i] < window[i] for i in range(rank))

@@ -124,16 +124,16 @@ def main(argv=None) -> int:
         "",
         f"Made by `{command.strip()}` ({args.threads} threads, {args.runs} rounds per layer).",
         "",
-        f"{len(samples)} candidate rewrites of {len({(s['model'], s['layer']) for s in samples})} "
-        "distinct layers, each timed against its original layer (in NCHWc context, side by side).",
+        (f"{len(samples)} candidate rewrites of {len({(s['model'], s['layer']) for s in samples})} "
+         "layers, each timed against its original layer (in NCHWc context, side by side)."),
         "",
-        "| constant | before | fitted |",
+        "| constant | in sconv_onnx/cost.py | fitted by this run |",
         "|---|---|---|",
         *[f"| {key} | {current[key]:g} | {constants[key]:g} |" for key in GRID],
         "",
-        f"RMS error of log(predicted/measured): {rms_before:.3f} before, {rms_after:.3f} fitted. "
-        f"Keep/rewrite decisions agreeing with the measurement: {agree_before:.0%} before, "
-        f"{agree_after:.0%} fitted.",
+        (f"RMS error of log(predicted/measured): {rms_before:.3f} with the constants in "
+         f"sconv_onnx/cost.py, {rms_after:.3f} fitted. Keep/rewrite decisions agreeing with the "
+         f"measurement: {agree_before:.0%} and {agree_after:.0%}."),
         "",
         "```",
         table(["model", "layer", "candidate", "measured", "predicted (fitted)"], rows),

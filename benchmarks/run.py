@@ -113,16 +113,16 @@ def write_results(all_rows: list[dict], args, path: Path) -> None:
         "",
         f"Made by `{command.strip()}` on {datetime.date.today().isoformat()}.",
         "",
-        f"Machine: {_machine()}, {args.threads} intra-op threads, batch 1, fp32. "
-        f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), onnx {onnx.__version__}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}, sconv-onnx "
-        f"{sconv_onnx.__version__}.",
+        (f"Machine: {_machine()}, {args.threads} intra-op threads, batch 1, fp32. "
+         f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), onnx {onnx.__version__}, "
+         f"numpy {np.__version__}, Python {platform.python_version()}, sconv-onnx "
+         f"{sconv_onnx.__version__}."),
         "",
-        f"Each model: the original and its three rewrites run side by side in one process, "
-        f"{args.runs} rounds after {args.warmup} warm-up runs, rotating order, spinning off. "
-        "`latency ratio` is the median of per-round ratios new/original; `latency/MAC` "
-        "divides it by the MAC ratio (1.00 = the speed-up the MACs promise). MACs count "
-        "Conv/Gemm/MatMul multiply-adds plus the pools' additions.",
+        (f"Each model: the original and its three rewrites run side by side in one process, "
+         f"{args.runs} rounds after {args.warmup} warm-up runs, rotating order, spinning off. "
+         "`latency ratio` is the median of per-round ratios new/original; `latency/MAC` "
+         "divides it by the MAC ratio (1.00 = the speed-up the MACs promise). MACs count "
+         "Conv/Gemm/MatMul multiply-adds plus the pools' additions."),
         "",
         "```",
         table(header, body),
@@ -134,8 +134,8 @@ def write_results(all_rows: list[dict], args, path: Path) -> None:
         table(["model", "search s"], search_rows),
         "```",
         "",
-        "Per op type, original vs the cost-mode rewrite (ms per run, onnxruntime profiler, after "
-        "its own fusions; `FusedConv` is a Conv with its activation):",
+        ("Per op type, original vs the cost-mode rewrite (ms per run, onnxruntime profiler, "
+         "after its own fusions; `FusedConv` is a Conv with its activation):"),
         "",
     ]
     for rows in all_rows:

@@ -12,7 +12,7 @@ Lowerings:
 
 * channel ``"cumsum"``: ``S = cs[L-1 : L-1+c] - cs[0 : c] + x[0 : c]`` with
   ``cs = CumSum(x, axis=1)`` and ``L = C - c + 1``; one group only,
-  opset >= 11, float32.
+  opset >= 11, float32, and not 2-D (where it leaves the NCHWc layout).
 * channel ``"matrix"``: a 1x1 Conv with a fixed 0/1 weight of shape
   ``(g*c, C, 1..1)``, ``group = g``; any opset, any dtype.
 * spatial ``"avgpool"``: ``AveragePool(count_include_pad=1)``; the caller

@@ -258,9 +258,9 @@ def _feasible_channels(
     bounds, sketched = channel_lower_bounds(weight)
     slack = SKETCH_SLACK if sketched else 1.0
     identity = np.eye(spatial)
-    checks = found = 0
-    for under in np.flatnonzero(bounds[:-1] <= tol * slack) + 1:
-        checks += 1
+    found = 0
+    candidates = np.flatnonzero(bounds[:-1] <= tol * slack) + 1
+    for checks, under in enumerate(candidates, start=1):
         gram = _channel_gram(weight3, int(under))
         if _residual(gram, identity, norm_sq) <= tol:
             grams[int(under)] = gram

@@ -24,14 +24,20 @@ def _site(spec):
     return site, layer
 
 
-def test_wide_3x3_uses_cumsum_channel_pooling_and_avgpool():
+def test_wide_1d_conv_uses_cumsum_channel_pooling_and_2d_uses_the_matrix():
+    spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(3,), spatial=(500,),
+                    pads=(1, 1), sizes=(256, 2))
+    new, report = sconv_onnx.optimize(make_model(spec))
+    (layer,) = report.plan.layers
+    assert layer.rewritten and layer.lowering == Lowering("cumsum", "ones_conv")
+    assert "CumSum" in _ops(new) and "AveragePool" not in _ops(new)
+    assert report.max_rel_error < 1e-5
+    # the same layer in 2-D stays in the NCHWc layout: matrix conv and AveragePool
     spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(3, 3), spatial=(7, 7),
                     pads=(1, 1, 1, 1), sizes=(256, 2, 2))
     new, report = sconv_onnx.optimize(make_model(spec))
-    (layer,) = report.plan.layers
-    assert layer.rewritten and layer.lowering == Lowering("cumsum", "avgpool")
-    assert {"CumSum", "AveragePool"} <= set(_ops(new))
-    assert report.max_rel_error < 1e-5
+    assert report.plan.layers[0].lowering == Lowering("matrix", "avgpool")
+    assert "CumSum" not in _ops(new)
 
 
 def test_small_channel_counts_prefer_the_matrix_conv():

@@ -11,8 +11,8 @@ from sconv_onnx.models import demo_cnn
 from sconv_onnx.models.build import MODELS
 
 import sconv_onnx
-from sconv_onnx.cli import main
 from sconv_onnx.api import WHOLE_MODEL_MARGIN
+from sconv_onnx.cli import main
 from sconv_onnx.passes.structured_conv import MEASURED_MARGIN
 from sconv_onnx.structure import expand
 

@@ -93,12 +93,15 @@ def test_structured_layers_are_rewritten_and_exact(spec):
         return
     assert layer.rewritten, layer.reason
     event(f"lowering {layer.lowering.label()}")
-    assert layer.chosen.sizes == spec.sizes
+    # fewest MACs: the built structure, or it with some axes left whole (e.g. no
+    # channel pooling when the pool would cost more MACs than it saves)
+    assert layer.chosen.sizes != trivial
+    assert all(n in (built, full) for n, built, full in zip(layer.chosen.sizes, spec.sizes, trivial))
     # the original weight is gone; alpha has the structured count
     counts = weight_elements(new)
     assert "W" not in counts
     (alpha,) = [name for name in counts if name.endswith("sconv_alpha")]
-    assert counts[alpha] == spec.out_channels * math.prod(spec.sizes)
+    assert counts[alpha] == spec.out_channels * math.prod(layer.chosen.sizes)
     bias = spec.out_channels if spec.bias else 0
     pool_constants = sum(n for name, n in counts.items() if "sconv_" in name and name != alpha)
     assert sum(counts.values()) == counts[alpha] + bias + pool_constants == layer.params_after

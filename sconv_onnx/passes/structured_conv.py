@@ -249,8 +249,8 @@ def _shared(site, structure, lowering, context: PlanContext) -> frozenset[str]:
 def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     """Decide ``site``: the structure, the lowering, and the reason.
 
-    ``select="all"`` rewrites with the fewest-degrees-of-freedom structure
-    within ``tol``; ``select="cost"`` rewrites with the structure and lowering
+    ``select="all"`` rewrites with the structure and lowering of fewest MACs
+    (the pools' included) within ``tol``; ``select="cost"`` rewrites with the structure and lowering
     of least predicted cost, and only if that is below
     :data:`cost.GAIN_MARGIN` of the original; ``select="measured"`` times the
     cost model's best candidates on the layer's real shapes, keeps the cost
@@ -281,12 +281,14 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
         return layer
     layer.best = nontrivial[0]
     scored = []
-    for structure in nontrivial if context.select != "all" else nontrivial[:1]:
+    for structure in nontrivial:
         for lowering in lowering_options(site, structure):
             shared = _shared(site, structure, lowering, context)
             ops = cost.lowered_ops(geom, structure.sizes, lowering.channel, lowering.spatial, shared)
-            scored.append((cost.total_cost(geom, ops), structure.dof, structure, lowering, ops, shared))
-    scored.sort(key=lambda item: item[:2])
+            rank = sum(op.macs for op in ops) if context.select == "all" else structure.dof
+            scored.append((cost.total_cost(geom, ops), rank, structure, lowering, ops, shared))
+    # select=all: fewest MACs (the pools' included), then least cost; else least cost
+    scored.sort(key=lambda item: (item[1], item[0]) if context.select == "all" else item[:2])
     choice = scored[0]
     measured = None
     if context.select == "measured" and context.measurer is not None and geom.in_spatial:

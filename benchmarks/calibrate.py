@@ -6,8 +6,8 @@ Every structured layer of the benchmark models (full size, distinct shapes)
 is timed against each of its candidate rewrites with sconv_onnx.measure
 (layer in NCHWc context, side by side, median of per-round ratios).  A grid
 search then picks the constants of sconv_onnx.cost that best predict the
-measured ratios (least squares on log ratios).  Copy the winning constants
-into sconv_onnx/cost.py.
+measured keep/rewrite decisions and ratios (see ``loss``).  Copy the
+winning constants into sconv_onnx/cost.py.
 """
 
 from __future__ import annotations
@@ -83,6 +83,16 @@ def score(samples: list[dict]) -> tuple[float, float]:
     return float(np.sqrt(np.mean(np.square(errors)))), agree / len(samples)
 
 
+def loss(samples: list[dict]) -> float:
+    """What the fit minimises: the log-ratio RMS error plus the share of wrong decisions.
+
+    The decisions (rewrite or keep) are what the cost model is for; the RMS
+    term breaks ties and keeps the predicted ratios meaningful.
+    """
+    rms, agree = score(samples)
+    return rms + (1.0 - agree)
+
+
 def fit(samples: list[dict], sweeps: int = 4) -> dict:
     """Coordinate descent over :data:`GRID`: each constant in turn takes its best value."""
     for _ in range(sweeps):
@@ -90,7 +100,7 @@ def fit(samples: list[dict], sweeps: int = 4) -> dict:
             trials = []
             for value in values:
                 setattr(cost, key, float(value))
-                trials.append((score(samples)[0], float(value)))
+                trials.append((loss(samples), float(value)))
             setattr(cost, key, min(trials)[1])
     return {key: getattr(cost, key) for key in GRID}
 

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .verify import session
+
 
 def default_threads() -> int:
     """Cores available to this process (the default ``--threads``)."""
@@ -33,18 +35,7 @@ def timing_session(
     model: onnx.ModelProto, threads: int, profile_dir: str | None = None
 ) -> ort.InferenceSession:
     """A CPU session for timing: ``threads`` intra-op threads, no spinning, sequential."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(profile_dir, "profile")
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return session(model, threads, spinning=False, profile_dir=profile_dir)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,11 +57,25 @@ def check_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     return {inp.name: np.asarray(feeds[inp.name]) for inp in graph_inputs(model)}
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session with quiet logging."""
+def session(
+    model: onnx.ModelProto, threads: int = 0, spinning: bool = True, profile_dir: str | None = None
+) -> ort.InferenceSession:
+    """A CPU session with quiet logging (errors surface as exceptions, reported in one line).
+
+    ``threads``: intra-op threads (0: onnxruntime's default); ``spinning``
+    off for timing side by side (DESIGN.md section 2); ``profile_dir``
+    turns onnxruntime's profiler on.
+    """
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors surface as exceptions, reported in one line
+    options.log_severity_level = 4
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "profile")
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

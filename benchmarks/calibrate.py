@@ -6,8 +6,10 @@ Every structured layer of the benchmark models (full size, distinct shapes)
 is timed against each of its candidate rewrites with sconv_onnx.measure
 (layer in NCHWc context, side by side, median of per-round ratios).  A grid
 search then picks the constants of sconv_onnx.cost that best predict the
-measured keep/rewrite decisions and ratios (see ``loss``).  Copy the
-winning constants into sconv_onnx/cost.py.
+measured keep/rewrite decisions and ratios (see ``loss``).  Before copying
+the fitted constants into sconv_onnx/cost.py, check them on whole models with
+benchmarks/run.py: single layers timed alone do not always add up (a fit
+with cheap memory traffic made MobileNetV2 1.07x slower as a whole).
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ import onnx
 
 from .common import GraphBuilder, float_input, structured_weight
 
-INPUT_SHAPE = (1, 3, 64, 64)
+INPUT_SHAPE = (1, 3, 128, 128)
 CLASSES = 10
 
 
 def build(seed: int = 0, noise: float = 0.0) -> onnx.ModelProto:
-    """The demo CNN (input ``image`` 1x3x64x64, output ``logits`` 1x10)."""
+    """The demo CNN (input ``image`` 1x3x128x128, output ``logits`` 1x10)."""
     rng = np.random.default_rng(seed)
     g = GraphBuilder("sconv_demo_cnn")
 

@@ -14,22 +14,16 @@ import sys
 
 import onnx
 
-from . import (
-    demo_cnn,
-    struct_audio1d,
-    struct_mobilenetv2,
-    struct_resnet18_a,
-    struct_resnet18_b,
-    struct_resnet50_a,
-)
+from . import demo_cnn, struct_audio1d, struct_mobilenetv2
 from .common import SIZES
+from .resnet import STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A
 
 #: The benchmark builders by name.  Each module has ``build(seed, noise,
 #: batchnorm, size)``, ``build_with_claims(...)`` (the model and its claims),
 #: ``claimed_structures(size)``, ``input_shape(size)``, ``INPUT_NAME``, ``CLASSES``.
 MODELS = {
     module.NAME: module
-    for module in (struct_resnet18_a, struct_resnet18_b, struct_resnet50_a,
+    for module in (STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A,
                    struct_mobilenetv2, struct_audio1d)
 }
 

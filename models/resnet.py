@@ -16,6 +16,7 @@ Node names follow the PyTorch modules: ``conv1``, ``layer2.0.conv1``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx
 
@@ -103,3 +104,65 @@ def _bottleneck(g: NetBuilder, prefix: str, x: str, channels: int, planes: int, 
                   gain=RESIDUAL_GAIN)
     short = _shortcut(g, prefix, x, channels, out, stride, rule_1x1)
     return g.relu(f"{prefix}.relu", g.add(f"{prefix}.add", y, short)), out
+
+
+def all_channels_n2(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C, 2, 2)``: the 3x3 kernel is a sum of four 2x2 boxes, no channel structure."""
+    return (channels, 2, 2)
+
+
+def half_channels_n2(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C/2, 2, 2)``: boxes over half the input channels and 2x2 of the 3x3 window."""
+    return (channels // 2, 2, 2)
+
+
+def half_channels(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C/2, 1, 1)`` for a 1x1 conv: boxes over half the input channels."""
+    return (channels // 2, 1, 1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmark ResNet: depth and structure rules.
+
+    It has the interface of the other builder modules (``NAME``,
+    ``INPUT_NAME``, ``CLASSES``, ``input_shape``, ``build``,
+    ``build_with_claims``, ``claimed_structures``), so the registry treats
+    them alike.
+    """
+
+    NAME: str
+    blocks: tuple[int, ...]
+    bottleneck: bool
+    rule_3x3: Rule
+    rule_1x1: Rule = plain
+    INPUT_NAME: str = INPUT_NAME
+    CLASSES: int = CLASSES
+
+    @staticmethod
+    def input_shape(size: str = "full") -> tuple[int, int, int, int]:
+        return input_shape(size)
+
+    def build_with_claims(self, seed: int = 0, noise: float = 0.0, batchnorm: bool = False,
+                          size: str = "full") -> tuple[onnx.ModelProto, Claims]:
+        """The model and ``{node name: claimed sizes or None}`` for every Conv and Gemm."""
+        return build(self.NAME, self.blocks, self.bottleneck, self.rule_3x3, self.rule_1x1,
+                     seed=seed, noise=noise, batchnorm=batchnorm, size=size)
+
+    def build(self, seed: int = 0, noise: float = 0.0, batchnorm: bool = False,
+              size: str = "full") -> onnx.ModelProto:
+        """Input ``image`` (:func:`input_shape`), output ``logits`` 1x1000."""
+        return self.build_with_claims(seed, noise, batchnorm, size)[0]
+
+    def claimed_structures(self, size: str = "full") -> Claims:
+        """``{node name: sizes or None}``: the structure each Conv/Gemm was built with."""
+        return self.build_with_claims(size=size)[1]
+
+
+#: ResNet-18, every 3x3 conv at ``(C, 2, 2)``; stem, 1x1 downsamples and fc plain.
+STRUCT_RESNET18_A = Variant("struct_resnet18_a", (2, 2, 2, 2), False, all_channels_n2)
+#: ResNet-18, 3x3 convs at ``(C/2, 2, 2)``, 1x1 downsamples at ``(C/2, 1, 1)``; stem and fc plain.
+STRUCT_RESNET18_B = Variant("struct_resnet18_b", (2, 2, 2, 2), False, half_channels_n2,
+                            half_channels)
+#: ResNet-50 (v1.5), the 3x3 conv of each bottleneck at ``(C, 2, 2)``; 1x1 convs, stem, fc plain.
+STRUCT_RESNET50_A = Variant("struct_resnet50_a", (3, 4, 6, 3), True, all_channels_n2)

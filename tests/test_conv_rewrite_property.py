@@ -8,11 +8,12 @@ structured count plus the pool's own constants) and match the original to
 import math
 import os
 
-from conv_models import ConvSpec, make_model, weight_elements
+from conv_models import ConvSpec, make_model, make_weight, weight_elements
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import sconv_onnx
+from sconv_onnx.structure import relative_residual
 
 EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(
@@ -93,10 +94,11 @@ def test_structured_layers_are_rewritten_and_exact(spec):
         return
     assert layer.rewritten, layer.reason
     event(f"lowering {layer.lowering.label()}")
-    # fewest MACs: the built structure, or it with some axes left whole (e.g. no
-    # channel pooling when the pool would cost more MACs than it saves)
+    # fewest MACs: the built structure, or a coarser one that contains it (no channel
+    # pooling when the pool costs more MACs than it saves; a window that tiles the
+    # built one); whichever, the weight has it, checked here without the search
     assert layer.chosen.sizes != trivial
-    assert all(n in (built, full) for n, built, full in zip(layer.chosen.sizes, spec.sizes, trivial))
+    assert relative_residual(make_weight(spec), layer.chosen.sizes) < 1e-6
     # the original weight is gone; alpha has the structured count
     counts = weight_elements(new)
     assert "W" not in counts

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from sconv_onnx.models import build as build_cli
-from sconv_onnx.models import demo_cnn, struct_resnet18_a
+from sconv_onnx.models import demo_cnn
 from sconv_onnx.models.build import MODELS
 
 from sconv_onnx.structure import relative_residual, search
@@ -159,7 +159,7 @@ def test_noise_makes_structure_approximate(name):
 
 def test_bad_size_is_refused():
     with pytest.raises(ValueError, match="size"):
-        struct_resnet18_a.build(size="tiny")
+        MODELS["struct_resnet18_a"].build(size="tiny")
 
 
 def _macs(model: onnx.ModelProto) -> int:

@@ -147,6 +147,10 @@ def main(argv=None) -> int:
          f"sconv_onnx/cost.py, {rms_after:.3f} fitted. Keep/rewrite decisions agreeing with the "
          f"measurement: {agree_before:.0%} and {agree_after:.0%}."),
         "",
+        ("The constants in sconv_onnx/cost.py are adopted only once benchmarks/run.py confirms "
+         "them on whole models: single-layer timings do not always add up (the docstring of "
+         "sconv_onnx/cost.py says which fit was rejected and why)."),
+        "",
         "```",
         table(["model", "layer", "candidate", "measured", "predicted (fitted)"], rows),
         "```",

@@ -70,6 +70,11 @@ class ConvGeometry:
     def in_channels(self) -> int:
         return self.in_channels_per_group * self.group
 
+    @property
+    def positions(self) -> int | None:
+        """Output positions at batch 1, when the output shape is known."""
+        return math.prod(self.out_spatial) if self.out_spatial is not None else None
+
     def pooled_positions(self, window: tuple[int, ...]) -> float:
         """Positions of a stride-1 sum-pool with ``window``, per output position."""
         out = self.out_spatial
@@ -167,19 +172,51 @@ def lowered_ops(
     return ops
 
 
-def total_cost(geom: ConvGeometry, ops: list[OpCost]) -> float:
+def total_cost(geom, ops: list[OpCost]) -> float:
     """Predicted time in MAC-equivalents per output position.
 
     Each graph node also costs :data:`NODE_OVERHEAD` once per run, spread
-    over the layer's output positions (when they are known).
+    over the layer's output positions (``geom.positions``, when known).
     """
-    positions = math.prod(geom.out_spatial) if geom.out_spatial else None
+    positions = geom.positions
     overhead = NODE_OVERHEAD * sum(op.nodes for op in ops) / positions if positions else 0.0
     return sum(op.cost for op in ops) + overhead
 
 
-def total_macs(geom: ConvGeometry, ops: list[OpCost]) -> int | None:
+def total_macs(geom, ops: list[OpCost]) -> int | None:
     """MACs (additions of the pools included) for batch 1, when shapes are known."""
-    if geom.out_spatial is None:
+    if geom.positions is None:
         return None
-    return round(sum(op.macs for op in ops) * math.prod(geom.out_spatial))
+    return round(sum(op.macs for op in ops) * geom.positions)
+
+
+@dataclass(frozen=True)
+class LinearGeometry:
+    """A fully connected layer ``y = x W^T``: ``rows`` input rows (batch 1; None if
+    unknown), ``in_features`` and ``out_features``."""
+
+    rows: int | None
+    in_features: int
+    out_features: int
+
+    @property
+    def positions(self) -> int | None:
+        """Output positions: the rows."""
+        return self.rows
+
+
+def linear_ops(geom: LinearGeometry, under: int | None) -> list[OpCost]:
+    """Per row: the layer as is (``under`` None), or sliding sums then a ``under``-input layer.
+
+    At batch 1 a fully connected layer reads its whole weight for few rows,
+    so the weight's elements are charged per row (:data:`MEMORY` each).
+    """
+    rows = geom.rows or 1
+    features = geom.in_features if under is None else under
+    ops = []
+    if under is not None:
+        ops.append(OpCost("CumSum", geom.in_features + 2 * under, geom.in_features,
+                          kind="cumsum", nodes=6))
+    macs = features * geom.out_features
+    ops.append(OpCost("Gemm", macs, macs / rows + features + geom.out_features))
+    return ops

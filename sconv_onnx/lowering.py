@@ -54,7 +54,8 @@ class NodeEmitter:
         return candidate
 
     def constant(self, suffix: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.name(suffix), np.ascontiguousarray(values))
+        # np.ascontiguousarray would turn a 0-d array (CumSum's axis) into shape (1,)
+        return gs.Constant(self.name(suffix), np.array(values, order="C"))
 
     def node(self, op: str, suffix: str, inputs: list, attrs: dict | None = None) -> gs.Variable:
         output = gs.Variable(self.name(f"{suffix}_out"))
@@ -83,25 +84,34 @@ def emit_channel_pool(
         return emitter.node("Conv", "channel_pool", [x, weight], attrs)
     if lowering != "cumsum" or group != 1:
         raise ValueError(f"channel lowering {lowering!r} needs one group")
-    window = channels - under + 1
-    axes = emitter.constant("axes", np.array([1], dtype=np.int64))
+    return emit_window_sum(emitter, x, 1, channels, under, "channel_pool")
+
+
+def emit_window_sum(emitter: NodeEmitter, x, axis: int, size: int, under: int, name: str):
+    """Sliding sums of ``size - under + 1`` consecutive entries along ``axis`` (``under`` of them).
+
+    ``S = cs[L-1 : L-1+c] - cs[0 : c] + x[0 : c]`` with ``cs = CumSum(x, axis)``,
+    ``L = size - under + 1`` and ``c = under``: opset >= 11.
+    """
+    window = size - under + 1
+    axes = emitter.constant("axes", np.array([axis], dtype=np.int64))
     zero = emitter.constant("zero", np.array([0], dtype=np.int64))
     count = emitter.constant("count", np.array([under], dtype=np.int64))
-    cumsum = emitter.node("CumSum", "cumsum", [x, emitter.constant("axis", np.array(1, dtype=np.int64))])
+    cumsum = emitter.node("CumSum", "cumsum", [x, emitter.constant("axis", np.array(axis, dtype=np.int64))])
     upper = emitter.node(
         "Slice",
         "upper",
         [
             cumsum,
             emitter.constant("upper_start", np.array([window - 1], dtype=np.int64)),
-            emitter.constant("upper_end", np.array([channels], dtype=np.int64)),
+            emitter.constant("upper_end", np.array([size], dtype=np.int64)),
             axes,
         ],
     )
     lower = emitter.node("Slice", "lower", [cumsum, zero, count, axes])
     head = emitter.node("Slice", "head", [x, zero, count, axes])
     difference = emitter.node("Sub", "window_diff", [upper, lower])
-    return emitter.node("Add", "channel_pool", [difference, head])
+    return emitter.node("Add", name, [difference, head])
 
 
 def emit_spatial_pool(

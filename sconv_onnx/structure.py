@@ -242,7 +242,9 @@ class Structure:
         return math.prod(self.sizes)
 
     def label(self) -> str:
-        """Human notation, e.g. ``c=16 n=2x2``."""
+        """Human notation, e.g. ``c=16 n=2x2`` (``c=16`` for a fully connected layer)."""
+        if not self.kernel:
+            return f"c={self.channels}"
         return f"c={self.channels} n={'x'.join(map(str, self.kernel))}"
 
 

@@ -25,6 +25,7 @@ from .. import cost
 from ..lowering import NodeEmitter, emit_channel_pool, emit_spatial_pool, pool_constant_count
 from ..plan import KEEP, REWRITE, LayerPlan, Lowering
 from ..structure import Structure, fit_alpha, search
+from .graphs import constant_value, drop_if_unused, walk
 
 OP_TYPE = "Conv"
 #: Opset from which AveragePool falls back to a slow reference kernel (DESIGN.md section 2).
@@ -53,18 +54,6 @@ class ConvSite:
     geometry: cost.ConvGeometry | None
     opset: int
     skip_reason: str | None = None
-
-
-def constant_value(tensor) -> np.ndarray | None:
-    """The value of ``tensor`` when it is an initializer or a ``Constant`` node's output."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1:
-        producer = tensor.inputs[0]
-        value = producer.attrs.get("value") if producer.op == "Constant" else None
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
 
 
 def _ints(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
@@ -116,12 +105,10 @@ def resolve_pads(
 def find(graph: gs.Graph, static_shapes: dict, concrete_shapes: dict, opset: int) -> list[ConvSite]:
     """Every Conv of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
     sites: list[ConvSite] = []
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                sites.extend(find(attr, {}, {}, opset))
+    for owner, node in walk(graph):
         if node.op == OP_TYPE and node.domain in ("", "ai.onnx", None):
-            sites.append(_site(graph, node, static_shapes, concrete_shapes, opset))
+            shapes = (static_shapes, concrete_shapes) if owner is graph else ({}, {})
+            sites.append(_site(owner, node, *shapes, opset))
     return sites
 
 
@@ -380,19 +367,4 @@ def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str], pools: dict
     node.attrs["strides"] = list(geom.strides)
     node.attrs["dilations"] = list(geom.dilations)
     node.attrs["group"] = geom.group
-    _drop_if_unused(site.graph, old_weight)
-
-
-def _drop_if_unused(graph: gs.Graph, tensor) -> None:
-    """Remove the ``Constant`` node behind ``tensor`` once nothing reads it.
-
-    An unused initializer needs nothing: the export writes only referenced ones.
-    """
-    if tensor.outputs or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
-        return
-    if tensor in graph.outputs:
-        return
-    producer = tensor.inputs[0]
-    if producer.op == "Constant" and producer in graph.nodes:
-        graph.nodes.remove(producer)
-        producer.outputs.clear()
+    drop_if_unused(site.graph, old_weight)

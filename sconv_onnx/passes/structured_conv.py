@@ -25,6 +25,7 @@ from .. import cost
 from ..lowering import NodeEmitter, emit_channel_pool, emit_spatial_pool, pool_constant_count
 from ..plan import KEEP, REWRITE, LayerPlan, Lowering
 from ..structure import Structure, fit_alpha, search
+from .batchnorm import BatchNormFold, apply_fold, find_fold
 from .graphs import constant_value, drop_if_unused, walk
 
 OP_TYPE = "Conv"
@@ -54,6 +55,8 @@ class ConvSite:
     geometry: cost.ConvGeometry | None
     opset: int
     skip_reason: str | None = None
+    #: the BatchNormalization after the conv, folded into ``weight`` (see :mod:`.batchnorm`)
+    batchnorm: BatchNormFold | None = None
 
 
 def _ints(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
@@ -124,6 +127,12 @@ def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
     if weight.dtype.kind != "f":
         site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
         return site
+    computed_bias = len(node.inputs) > 2 and node.inputs[2] is not None and bias is None
+    if not computed_bias:
+        site.batchnorm = find_fold(graph, node, weight, bias)
+    if site.batchnorm is not None:
+        site.weight, site.bias_size = site.batchnorm.weight, weight.shape[0]
+        weight = site.weight
     rank = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
     strides = _ints(node, "strides", [1] * rank)
@@ -318,6 +327,8 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
         layer.reason = f"no gain predicted ({structure.label()} {lowering.label()}: {ratio:.2f}x)"
     if context.select == "measured" and measured is None:
         layer.reason += " (not measured: input shape unknown)"
+    if layer.rewritten and site.batchnorm is not None:
+        layer.reason += f"; folds {site.batchnorm.node.name or 'BatchNormalization'}"
     if layer.rewritten and site.name in context.excluded:
         layer.decision, layer.reason = KEEP, context.excluded[site.name]
     if layer.rewritten:
@@ -368,3 +379,5 @@ def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str], pools: dict
     node.attrs["dilations"] = list(geom.dilations)
     node.attrs["group"] = geom.group
     drop_if_unused(site.graph, old_weight)
+    if site.batchnorm is not None:
+        apply_fold(site.graph, node, site.batchnorm, emitter.constant("bias", site.batchnorm.bias))

@@ -1,0 +1,74 @@
+"""Unfused ``BatchNormalization`` after a layer: fold it in when that is exact.
+
+For ``y = BN(conv(x, W) + b)`` with constant statistics,
+
+    s = scale / sqrt(var + epsilon)
+    y = conv(x, s * W) + s * (b - mean) + B
+
+(``s`` scales each output channel).  Scaling filters keeps their structure,
+so a structured conv followed by BN is still found, and its rewrite absorbs
+the BN node.  Folding happens only when it is exact and changes nothing
+else: the BN is the layer output's sole reader, the layer output is no
+graph output, BN's statistics are constant and only its first output is
+used (inference mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graphs import constant_value, drop_if_unused
+
+
+@dataclass
+class BatchNormFold:
+    """A foldable BN node and the layer's weight and bias with the BN folded in."""
+
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def find_fold(graph: gs.Graph, layer: gs.Node, weight: np.ndarray,
+              bias: np.ndarray | None) -> BatchNormFold | None:
+    """The fold of the BN that reads ``layer``'s output, or None when it is not exact."""
+    out = layer.outputs[0]
+    if len(out.outputs) != 1 or out in graph.outputs:
+        return None
+    bn = out.outputs[0]
+    if bn.op != "BatchNormalization" or bn.inputs[0] is not out or bn.attrs.get("training_mode", 0):
+        return None
+    if any(extra.outputs or extra in graph.outputs for extra in bn.outputs[1:]):
+        return None
+    stats = [constant_value(tensor) for tensor in bn.inputs[1:5]]
+    if any(value is None for value in stats):
+        return None
+    scale, shift, mean, var = (np.asarray(value, dtype=np.float64) for value in stats)
+    factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return BatchNormFold(
+        bn,
+        (np.asarray(weight, dtype=np.float64) * factor.reshape(shape)).astype(weight.dtype),
+        (factor * (base - mean) + shift).astype(weight.dtype),
+    )
+
+
+def apply_fold(graph: gs.Graph, layer: gs.Node, fold: BatchNormFold, bias: gs.Constant) -> None:
+    """Give ``layer`` the folded ``bias`` and BN's output; remove the BN node."""
+    old_bias = layer.inputs[2] if len(layer.inputs) > 2 else None
+    if old_bias is None:
+        layer.inputs.append(bias)
+    else:
+        layer.inputs[2] = bias
+    bn_inputs = list(fold.node.inputs[1:])
+    bn_out = fold.node.outputs[0]
+    fold.node.inputs.clear()
+    fold.node.outputs.clear()
+    graph.nodes.remove(fold.node)
+    layer.outputs[0] = bn_out
+    for tensor in bn_inputs + ([old_bias] if old_bias is not None else []):
+        drop_if_unused(graph, tensor)

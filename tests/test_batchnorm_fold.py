@@ -1,0 +1,83 @@
+"""Unfused BatchNormalization after a structured conv is folded into the rewrite when exact."""
+
+import numpy as np
+import onnx
+import pytest
+from conv_models import ConvSpec, make_model
+from onnx import TensorProto, helper, numpy_helper
+from sconv_onnx.models.build import MODELS
+
+import sconv_onnx
+
+
+def _with_batchnorm(spec: ConvSpec, *, second_reader=False, stats_as_input=False) -> onnx.ModelProto:
+    """``Conv -> BatchNormalization -> Relu`` with seeded statistics."""
+    model = make_model(spec)
+    graph, rng, out = model.graph, np.random.default_rng(1), spec.out_channels
+    stats = {
+        "bn_scale": rng.uniform(0.5, 2.0, out), "bn_shift": rng.standard_normal(out),
+        "bn_mean": rng.standard_normal(out), "bn_var": rng.uniform(0.5, 2.0, out),
+    }
+    for name, value in stats.items():
+        if stats_as_input and name == "bn_scale":
+            graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [out]))
+        else:
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    graph.node.extend([
+        helper.make_node("BatchNormalization", ["z", *stats], ["normed"], name="bn", epsilon=1e-3),
+        helper.make_node("Relu", ["normed"], ["r"], name="relu"),
+    ])
+    graph.output[0].name = "r"
+    if second_reader:
+        graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, list(spec.input_shape)))
+    return model
+
+
+SPEC = ConvSpec(in_per_group=8, out_channels=8, group=1, kernel=(3, 3), spatial=(10, 10),
+                pads=(1, 1, 1, 1), sizes=(4, 2, 2))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_after_a_structured_conv_is_folded_into_the_rewrite(bias):
+    spec = ConvSpec(**{**SPEC.__dict__, "bias": bias})
+    model = _with_batchnorm(spec)
+    new, report = sconv_onnx.optimize(model, select="all")
+    (layer,) = report.plan.layers
+    assert layer.rewritten and layer.chosen.sizes == (4, 2, 2)
+    assert "folds bn" in layer.reason
+    ops = [node.op_type for node in new.graph.node]
+    assert "BatchNormalization" not in ops
+    conv = next(node for node in new.graph.node if node.name == "conv")
+    assert conv.output[0] == "normed" and len(conv.input) == 3
+    assert not {"bn_scale", "bn_shift", "bn_mean", "bn_var"} & {i.name for i in new.graph.initializer}
+    assert report.max_rel_error < 1e-5
+
+
+def test_batchnorm_is_kept_when_the_conv_output_has_another_reader():
+    model = _with_batchnorm(SPEC, second_reader=True)
+    new, report = sconv_onnx.optimize(model, select="all")
+    (layer,) = report.plan.layers
+    assert layer.rewritten and "folds" not in layer.reason
+    assert "BatchNormalization" in [node.op_type for node in new.graph.node]
+    assert report.max_rel_error < 1e-5
+
+
+def test_batchnorm_with_runtime_statistics_is_not_folded():
+    model = _with_batchnorm(SPEC, stats_as_input=True)
+    new, report = sconv_onnx.optimize(model, select="all", inputs={
+        "x": np.random.default_rng(0).standard_normal(SPEC.input_shape).astype(np.float32),
+        "bn_scale": np.full(SPEC.out_channels, 1.5, np.float32),
+    })
+    assert "folds" not in report.plan.layers[0].reason
+    assert "BatchNormalization" in [node.op_type for node in new.graph.node]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_benchmark_models_with_unfused_batchnorm_keep_their_structure(name):
+    model = MODELS[name].build(batchnorm=True, size="small")
+    new, report = sconv_onnx.optimize(model, select="all")
+    rewritten = [layer for layer in report.plan.layers if layer.rewritten and layer.op == "Conv"]
+    assert rewritten and all("folds" in layer.reason for layer in rewritten)
+    count = [node.op_type for node in new.graph.node].count("BatchNormalization")
+    assert count == [node.op_type for node in model.graph.node].count("BatchNormalization") - len(rewritten)
+    assert report.max_rel_error < 1e-4

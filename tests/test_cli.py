@@ -199,3 +199,48 @@ def test_console_script_and_module_entry_points(tmp_path):
         assert done.returncode == 2
         assert done.stderr.strip() == f"sconv-onnx: error: {tmp_path / 'missing.onnx'}: no such file"
         assert done.stdout == ""
+
+
+def _conv_model_with(extra_nodes, opsets=(("", 17),)):
+    spec = ConvSpec(in_per_group=4, out_channels=4, group=1, kernel=(3, 3), spatial=(8, 8),
+                    pads=(1, 1, 1, 1), sizes=(2, 2, 2))
+    model = make_model(spec)
+    model.graph.node.extend(extra_nodes)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets)
+    return model
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (_conv_model_with([helper.make_node("Relu", ["nowhere"], ["dangling"])]), "invalid ONNX model"),
+        (_conv_model_with([helper.make_node("Foo", ["z"], ["w"], domain="com.example")]),
+         "invalid ONNX model"),
+        (_conv_model_with([helper.make_node("Foo", ["z"], ["w"], domain="com.example")],
+                          opsets=(("", 17), ("com.example", 1))),
+         "onnxruntime cannot run the input model"),
+    ],
+    ids=["checker-invalid", "custom-domain-without-opset", "custom-op-unknown-to-onnxruntime"],
+)
+def test_invalid_or_unrunnable_models_are_bad_input(tmp_path, capsys, model, message):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    code, _, err = _run(capsys, "optimize", path, tmp_path / "out.onnx", "--select", "all")
+    assert code == 2
+    assert message in _one_line_error(err)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.parametrize(
+    "hint, message",
+    [("x:1,4,8", "rank 3 but the model declares rank 4"), ("x:1,5,8,8", "dim 1 is 5"),
+     ("x:1,4,0,8", "positive"), ("x", "expected NAME:D1,D2")],
+)
+def test_wrong_input_shape_hints_are_bad_input(tmp_path, demo_path, capsys, hint, message):
+    spec = ConvSpec(in_per_group=4, out_channels=4, group=1, kernel=(3, 3), spatial=(8, 8),
+                    pads=(1, 1, 1, 1), sizes=(2, 2, 2))
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(spec), str(path))
+    code, _, err = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", hint)
+    assert code == 2 and message in _one_line_error(err)

@@ -32,6 +32,9 @@ DEFAULT_TOL = 1e-4
 #: Default bound on the verified relative output error at the default tolerance.
 DEFAULT_MAX_ERROR = 1e-3
 SELECT_MODES = ("cost", "all", "measured")
+#: Default verification bounds for low-precision outputs (float16 keeps ~3
+#: decimal digits, bfloat16 ~2; a rewrite re-rounds every sum).
+OUTPUT_DTYPE_MAX_ERROR = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 #: Rounds of the whole-model A/B check that ``select="measured"`` ends with.
 WHOLE_MODEL_RUNS = 20
 #: The whole rewritten model must measure below this fraction of the original.
@@ -163,8 +166,8 @@ def optimize(
         verify: run original and rewritten model and compare the outputs.
         max_error: bound on the verified relative error
             ``max|y0 - y1| / max|y0|`` per output.  None means 1e-3 at the
-            default ``tol`` and no bound (errors only reported) when ``tol``
-            is loosened.
+            default ``tol`` (1e-2 with a float16 output, 5e-2 bfloat16) and
+            no bound (errors only reported) when ``tol`` is loosened.
         seed: seed of the random verification inputs.
         threads: intra-op threads for ``select="measured"`` timings
             (default: the cores available).
@@ -192,7 +195,7 @@ def optimize(
             break
         _exclude_least_gainful(analysis.plan, ratio, excluded)
     if max_error is None and tol <= DEFAULT_TOL:
-        max_error = DEFAULT_MAX_ERROR
+        max_error = default_max_error(original)
     after_shapes = infer_tensor_shapes(with_input_shapes(rewritten, analysis.shapes.shapes))
     report = Report(
         plan=analysis.plan,
@@ -211,6 +214,13 @@ def optimize(
                 report,
             )
     return rewritten, report
+
+
+def default_max_error(model: onnx.ModelProto) -> float:
+    """:data:`DEFAULT_MAX_ERROR`, or looser when an output is stored in low precision."""
+    bounds = [OUTPUT_DTYPE_MAX_ERROR.get(out.type.tensor_type.elem_type, DEFAULT_MAX_ERROR)
+              for out in model.graph.output]
+    return max(bounds, default=DEFAULT_MAX_ERROR)
 
 
 def _rewrite(analysis: _Analysis) -> onnx.ModelProto:

@@ -221,6 +221,17 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     return bounds, sketched
 
 
+#: The smallest tolerance that makes sense for weights stored in a dtype:
+#: twice its unit roundoff, since rounding alone moves a structured weight
+#: about ``u / sqrt(3)`` (relative, Frobenius) off its structure.
+DTYPE_TOL_FLOOR = {"float16": 2 * 2.0**-11, "bfloat16": 2 * 2.0**-8}
+
+
+def effective_tol(tol: float, dtype) -> float:
+    """``tol``, raised to :data:`DTYPE_TOL_FLOOR` for low-precision weights."""
+    return max(tol, DTYPE_TOL_FLOOR.get(np.dtype(dtype).name, 0.0))
+
+
 @dataclass(frozen=True)
 class Structure:
     """Underlying sizes ``(c, n_1, .., n_r)`` and the weight's residual at them."""

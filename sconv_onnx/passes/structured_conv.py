@@ -24,11 +24,13 @@ import onnx_graphsurgeon as gs
 from .. import cost
 from ..lowering import NodeEmitter, emit_channel_pool, emit_spatial_pool, pool_constant_count
 from ..plan import KEEP, REWRITE, LayerPlan, Lowering
-from ..structure import Structure, fit_alpha, search
+from ..structure import Structure, effective_tol, fit_alpha, search
 from .batchnorm import BatchNormFold, apply_fold, find_fold
 from .graphs import constant_value, drop_if_unused, walk
 
 OP_TYPE = "Conv"
+#: Quantized convolutions: reported, never rewritten.
+QUANTIZED_OPS = ("ConvInteger", "QLinearConv")
 #: Opset from which AveragePool falls back to a slow reference kernel (DESIGN.md section 2).
 AVGPOOL_SLOW_OPSET = 19
 #: First opset with CumSum.
@@ -109,9 +111,14 @@ def find(graph: gs.Graph, static_shapes: dict, concrete_shapes: dict, opset: int
     """Every Conv of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
     sites: list[ConvSite] = []
     for owner, node in walk(graph):
-        if node.op == OP_TYPE and node.domain in ("", "ai.onnx", None):
+        if node.domain not in ("", "ai.onnx", None):
+            continue
+        if node.op == OP_TYPE:
             shapes = (static_shapes, concrete_shapes) if owner is graph else ({}, {})
             sites.append(_site(owner, node, *shapes, opset))
+        elif node.op in QUANTIZED_OPS:
+            sites.append(ConvSite(owner, node, node.name or node.outputs[0].name, None, 0, None,
+                                  opset, skip_reason=f"quantized layer ({node.op}): left as is"))
     return sites
 
 
@@ -122,7 +129,10 @@ def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
     bias_size = int(bias.size) if bias is not None else 0
     site = ConvSite(graph, node, name, weight, bias_size, None, opset)
     if weight is None:
-        site.skip_reason = "weight is not a constant"
+        producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+        quantized = producer is not None and producer.op == "DequantizeLinear"
+        site.skip_reason = ("quantized weight (QDQ): left as is" if quantized
+                            else "weight is not a constant")
         return site
     if weight.dtype.kind != "f":
         site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
@@ -257,7 +267,7 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     node = site.node
     layer = LayerPlan(
         node=site.name,
-        op=OP_TYPE,
+        op=node.op,
         weight_shape=tuple(site.weight.shape) if site.weight is not None else (),
         group=int(node.attrs.get("group", 1)),
     )
@@ -269,11 +279,12 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     before = cost.original_ops(geom)
     layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
-    structures = search(site.weight, context.tol)
+    tol = effective_tol(context.tol, site.weight.dtype)
+    structures = search(site.weight, tol)
     trivial = tuple(site.weight.shape[1:])
     nontrivial = [s for s in structures if s.sizes != trivial]
     if not nontrivial:
-        layer.reason = f"no structure within tol {context.tol:g}"
+        layer.reason = f"no structure within tol {tol:g}"
         return layer
     layer.best = nontrivial[0]
     scored = []

@@ -73,8 +73,8 @@ def _site(graph, node, concrete_shapes, opset) -> LinearSite:
     if stored.ndim != 2:
         site.skip_reason = f"weight of rank {stored.ndim} (a batched MatMul)"
         return site
-    if stored.dtype.kind != "f":
-        site.skip_reason = f"weight dtype {stored.dtype} is not floating point"
+    if stored.dtype not in (np.float32, np.float64):
+        site.skip_reason = f"weight dtype {stored.dtype}: onnxruntime's CumSum takes float32/float64"
         return site
     if opset < CUMSUM_OPSET:
         site.skip_reason = f"opset {opset} has no CumSum"

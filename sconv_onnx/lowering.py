@@ -31,9 +31,6 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-CHANNEL_LOWERINGS = ("cumsum", "matrix")
-SPATIAL_LOWERINGS = ("avgpool", "ones_conv")
-
 
 class NodeEmitter:
     """Adds uniquely named nodes to ``graph`` just before ``anchor``."""

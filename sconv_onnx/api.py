@@ -182,8 +182,9 @@ def optimize(
     """
     measurer = Measurer(threads=threads) if select == "measured" else None
     excluded: dict[str, str] = {}
+    source = load_model(model_or_path)  # once: the measured loop may plan several times
     while True:
-        analysis = _analyse(model_or_path, tol, select, input_shapes, inputs, strict=verify,
+        analysis = _analyse(source, tol, select, input_shapes, inputs, strict=verify,
                             measurer=measurer, excluded=excluded)
         original = analysis.model
         rewritten = _rewrite(analysis)

@@ -220,3 +220,67 @@ def linear_ops(geom: LinearGeometry, under: int | None) -> list[OpCost]:
     macs = features * geom.out_features
     ops.append(OpCost("Gemm", macs, macs / rows + features + geom.out_features))
     return ops
+
+
+@dataclass(frozen=True)
+class TransposeGeometry:
+    """What the cost model needs to know about a ConvTranspose layer (batch 1).
+
+    ``in_channels`` in all, ``out_channels_per_group`` per group; spatial
+    sizes when known.
+    """
+
+    in_channels: int
+    out_channels_per_group: int
+    group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    in_spatial: tuple[int, ...] | None
+    out_spatial: tuple[int, ...] | None
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_channels_per_group * self.group
+
+    @property
+    def positions(self) -> int | None:
+        """Output positions at batch 1, when the output shape is known."""
+        return math.prod(self.out_spatial) if self.out_spatial is not None else None
+
+    @property
+    def inputs_per_output(self) -> float:
+        """Input positions per output position (``1/prod(strides)`` when unknown)."""
+        if self.in_spatial is None or self.out_spatial is None:
+            return 1.0 / math.prod(self.strides)
+        return math.prod(self.in_spatial) / max(1, math.prod(self.out_spatial))
+
+
+def transpose_ops(geom: TransposeGeometry, sizes: tuple[int, ...] | None) -> list[OpCost]:
+    """Per output position: the ConvTranspose as is (``sizes`` None), or its lowering.
+
+    The lowering of structure ``(c, n)`` (see
+    :mod:`sconv_onnx.passes.structured_conv_transpose`) is a ConvTranspose
+    with ``c`` outputs per group and kernel ``n``, an all-ones depthwise
+    Conv over the ``K-n+1`` window (when ``n != K``) and a 0/1 1x1 Conv that
+    spreads ``c`` channels to ``C`` per group (when ``c != C``).  The
+    intermediate tensors are charged at the output resolution.
+    """
+    per_input = geom.inputs_per_output
+    in_elements = geom.in_channels * per_input
+    if sizes is None:
+        macs = geom.in_channels * geom.out_channels_per_group * math.prod(geom.kernel) * per_input
+        return [OpCost("ConvTranspose", macs, in_elements + geom.out_channels)]
+    under_c, under_k = sizes[0], tuple(sizes[1:])
+    small_channels = geom.group * under_c
+    ops = [OpCost(
+        "ConvTranspose",
+        geom.in_channels * under_c * math.prod(under_k) * per_input,
+        in_elements + small_channels,
+        kind="small" if under_k != tuple(geom.kernel) else "dense",
+    )]
+    if under_k != tuple(geom.kernel):
+        window = math.prod(k - n + 1 for k, n in zip(geom.kernel, under_k))
+        ops.append(OpCost("Conv", small_channels * window, 2 * small_channels, kind="pool"))
+    if under_c != geom.out_channels_per_group:
+        ops.append(OpCost("Conv", geom.out_channels * under_c, small_channels + geom.out_channels))
+    return ops

@@ -54,8 +54,10 @@ class NodeEmitter:
         # np.ascontiguousarray would turn a 0-d array (CumSum's axis) into shape (1,)
         return gs.Constant(self.name(suffix), np.array(values, order="C"))
 
-    def node(self, op: str, suffix: str, inputs: list, attrs: dict | None = None) -> gs.Variable:
-        output = gs.Variable(self.name(f"{suffix}_out"))
+    def node(self, op: str, suffix: str, inputs: list, attrs: dict | None = None,
+             output: gs.Variable | None = None) -> gs.Variable:
+        """Insert ``op`` and return its output: a new tensor, or ``output`` when given."""
+        output = output if output is not None else gs.Variable(self.name(f"{suffix}_out"))
         node = gs.Node(op, self.name(suffix), attrs or {}, list(inputs), [output])
         self.graph.nodes.insert(self.graph.nodes.index(self.anchor), node)
         return output
@@ -67,6 +69,20 @@ def channel_window_matrix(group: int, channels: int, under: int, rank: int, dtyp
     block = np.zeros((under, channels), dtype=dtype)
     for j in range(under):
         block[j, j : j + window] = 1
+    matrix = np.tile(block, (group, 1))
+    return matrix.reshape(matrix.shape + (1,) * rank)
+
+
+def channel_spread_matrix(group: int, channels: int, under: int, rank: int, dtype) -> np.ndarray:
+    """0/1 weight ``(group*channels, under, 1..1)``: ``A(channels, under)`` per group.
+
+    Output channel ``o`` of a group sums inputs ``j`` with ``0 <= o - j <= channels - under``:
+    the transpose of :func:`channel_window_matrix`'s window sum.
+    """
+    window = channels - under + 1
+    block = np.zeros((channels, under), dtype=dtype)
+    for j in range(under):
+        block[j : j + window, j] = 1
     matrix = np.tile(block, (group, 1))
     return matrix.reshape(matrix.shape + (1,) * rank)
 
@@ -120,19 +136,27 @@ def emit_spatial_pool(
     dilations: tuple[int, ...],
     pads: tuple[int, ...],
     dtype,
+    bias: gs.Tensor | None = None,
+    output: gs.Variable | None = None,
 ):
-    """Stride-1 sum (``ones_conv``) or mean (``avgpool``) over ``window``, zero padding ``pads``."""
+    """Stride-1 sum (``ones_conv``) or mean (``avgpool``) over ``window``, zero padding ``pads``.
+
+    ``ones_conv`` may add a per-channel ``bias`` and write into ``output``.
+    """
     attrs: dict = {"kernel_shape": list(window), "strides": [1] * len(window)}
     if any(pads):
         attrs["pads"] = list(pads)
     if lowering == "avgpool":
         attrs["count_include_pad"] = 1
+        if bias is not None or output is not None:
+            raise ValueError("avgpool takes no bias and makes its own output")
         return emitter.node("AveragePool", "sum_pool", [x], attrs)
     ones = emitter.constant("ones", np.ones((channels, 1) + tuple(window), dtype=dtype))
     attrs["group"] = channels
     if any(d != 1 for d in dilations):
         attrs["dilations"] = list(dilations)
-    return emitter.node("Conv", "sum_pool", [x, ones], attrs)
+    inputs = [x, ones] + ([bias] if bias is not None else [])
+    return emitter.node("Conv", "sum_pool", inputs, attrs, output=output)
 
 
 def pool_constant_count(

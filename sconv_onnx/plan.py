@@ -79,6 +79,24 @@ class LayerPlan:
         return data
 
 
+def decide_by_cost(layer: LayerPlan, select: str, gain_margin: float, note: str = "") -> None:
+    """Rewrite ``layer`` when ``select="all"`` or its predicted cost ratio is at most
+    ``gain_margin``; otherwise keep it.  ``note`` ends the reason (e.g. why it was
+    not measured).  Needs ``chosen``, ``lowering``, ``cost_before`` and ``cost_after``.
+    """
+    ratio = layer.cost_after / layer.cost_before
+    if select == "all" or ratio <= gain_margin:
+        layer.decision = REWRITE
+        prefix = "select=all; " if select == "all" else ""
+        layer.reason = f"{prefix}predicted time {ratio:.2f}x{note}"
+    else:
+        layer.decision = KEEP
+        label = layer.chosen.label()
+        if layer.lowering is not None and layer.lowering.label() != "conv only":
+            label += f" {layer.lowering.label()}"
+        layer.reason = f"no gain predicted ({label}: {ratio:.2f}x){note}"
+
+
 @dataclass
 class Plan:
     """The per-layer plans of one model, with the settings that produced them."""

@@ -11,7 +11,7 @@ import onnx
 
 @dataclass
 class ModelStats:
-    """``macs`` counts multiply-adds of Conv, Gemm and MatMul plus the additions
+    """``macs`` counts multiply-adds of Conv, ConvTranspose, Gemm and MatMul plus the additions
     of AveragePool and CumSum, at the verification input shapes (None when a
     shape is unknown); ``params`` counts elements of initializers and
     ``Constant`` tensors; ``size`` is the serialized size in bytes."""
@@ -49,6 +49,11 @@ def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
         if out is None or weight is None:
             return None
         return math.prod(out) * math.prod(weight[1:])
+    if node.op_type == "ConvTranspose":  # each input element spreads over (C/g) x prod(K) outputs
+        x, weight = known(node.input[0]), known(node.input[1])
+        if x is None or weight is None:
+            return None
+        return math.prod(x) * math.prod(weight[1:])
     if node.op_type in ("Gemm", "MatMul"):
         a = known(node.input[0])
         if out is None or a is None:

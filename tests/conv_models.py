@@ -16,7 +16,12 @@ IR_FOR_OPSET = {**{v: 7 for v in range(11, 15)}, 15: 8, 16: 8, 17: 8, 18: 8, 19:
 
 @dataclass
 class ConvSpec:
-    """One Conv layer: geometry, attributes and how its weight is stored."""
+    """One Conv (or ConvTranspose) layer: geometry, attributes and how its weight is stored.
+
+    For a ConvTranspose, ``in_per_group`` and ``out_channels`` keep their
+    meaning (input channels per group, output channels in all) and the
+    structure ``sizes`` lies along the output channels per group.
+    """
 
     in_per_group: int
     out_channels: int
@@ -35,9 +40,12 @@ class ConvSpec:
     sizes: tuple[int, ...] | None = None  # structure (c, n..); None: random weight
     seed: int = 0
     extra_attrs: dict = field(default_factory=dict)
+    op: str = "Conv"
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        if self.op == "ConvTranspose":
+            return (self.in_per_group * self.group, self.out_channels // self.group) + tuple(self.kernel)
         return (self.out_channels, self.in_per_group) + tuple(self.kernel)
 
     @property
@@ -49,12 +57,12 @@ def make_weight(spec: ConvSpec) -> np.ndarray:
     rng = np.random.default_rng(spec.seed)
     if spec.sizes is None:
         return rng.standard_normal(spec.weight_shape).astype(np.float32)
-    alpha = rng.standard_normal((spec.out_channels,) + tuple(spec.sizes))
+    alpha = rng.standard_normal(spec.weight_shape[:1] + tuple(spec.sizes))
     return expand(alpha, spec.weight_shape).astype(np.float32)
 
 
 def make_model(spec: ConvSpec) -> onnx.ModelProto:
-    """``z = Conv(x, W[, B])`` with the attributes of ``spec``.
+    """``z = Conv(x, W[, B])`` (or ConvTranspose) with the attributes of ``spec``.
 
     No activation follows: the relative error ``max|dz| / max|z|`` stays
     meaningful (a Relu can leave a single tiny positive output).
@@ -75,7 +83,7 @@ def make_model(spec: ConvSpec) -> onnx.ModelProto:
         value = getattr(spec, key)
         if value is not None:
             attrs[key] = list(value) if key != "auto_pad" else value
-    nodes.append(helper.make_node("Conv", inputs, ["z"], name="conv", **attrs))
+    nodes.append(helper.make_node(spec.op, inputs, ["z"], name="conv", **attrs))
     x_shape = list(spec.input_shape)
     if spec.dynamic_batch:
         x_shape[0] = "N"

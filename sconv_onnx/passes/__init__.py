@@ -1,7 +1,7 @@
 """Rewrite passes, one module per structure family (find -> plan -> rewrite)."""
 
-from . import structured_conv, structured_linear
+from . import structured_conv, structured_conv_transpose, structured_linear
 
-PASSES = (structured_conv, structured_linear)
+PASSES = (structured_conv, structured_conv_transpose, structured_linear)
 
-__all__ = ["PASSES", "structured_conv", "structured_linear"]
+__all__ = ["PASSES", "structured_conv", "structured_conv_transpose", "structured_linear"]

@@ -61,12 +61,14 @@ class ConvSite:
     batchnorm: BatchNormFold | None = None
 
 
-def _ints(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
+def int_attr_tuple(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
+    """Attribute ``key`` of ``node`` as a tuple of ints, or ``default``."""
     value = node.attrs.get(key)
     return tuple(int(v) for v in value) if value is not None else tuple(default)
 
 
-def _static(dims) -> tuple[int, ...] | None:
+def static_dims(dims) -> tuple[int, ...] | None:
+    """``dims`` as a tuple when every one is a known int, else None."""
     if dims is None or any(not isinstance(d, int) for d in dims):
         return None
     return tuple(dims)
@@ -145,24 +147,24 @@ def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
         weight = site.weight
     rank = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
-    strides = _ints(node, "strides", [1] * rank)
-    dilations = _ints(node, "dilations", [1] * rank)
+    strides = int_attr_tuple(node, "strides", [1] * rank)
+    dilations = int_attr_tuple(node, "dilations", [1] * rank)
     group = int(node.attrs.get("group", 1))
     x_name, y_name = node.inputs[0].name, node.outputs[0].name
     static_in = static_shapes.get(x_name)
     pads = resolve_pads(
         str(node.attrs.get("auto_pad", "NOTSET")),
-        _ints(node, "pads", []),
+        int_attr_tuple(node, "pads", []),
         kernel,
         strides,
         dilations,
-        _static(static_in[2:]) if static_in else None,
+        static_dims(static_in[2:]) if static_in else None,
     )
     if pads is None:
         site.skip_reason = "auto_pad SAME with stride > 1 on a dynamic input size"
         return site
-    concrete_in = _static(concrete_shapes.get(x_name))
-    concrete_out = _static(concrete_shapes.get(y_name))
+    concrete_in = static_dims(concrete_shapes.get(x_name))
+    concrete_out = static_dims(concrete_shapes.get(y_name))
     site.geometry = cost.ConvGeometry(
         out_channels=weight.shape[0],
         in_channels_per_group=weight.shape[1],

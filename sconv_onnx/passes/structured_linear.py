@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .. import cost
 from ..lowering import NodeEmitter, emit_window_sum
-from ..plan import KEEP, REWRITE, LayerPlan, Lowering
+from ..plan import LayerPlan, Lowering, decide_by_cost
 from ..structure import fit_alpha, search
 from .graphs import constant_value, drop_if_unused, walk
 from .structured_conv import CUMSUM_OPSET, PlanContext
@@ -120,16 +120,9 @@ def plan(site: LinearSite, context: PlanContext) -> LayerPlan:
     layer.cost_after = cost.total_cost(geom, ops)
     layer.macs_after = cost.total_macs(geom, ops)
     layer.params_after = geom.out_features * layer.chosen.channels + bias_size + WINDOW_SUM_CONSTANTS
-    ratio = layer.cost_after / layer.cost_before
     unmeasured = " (not measured: no single-layer timing for Gemm/MatMul)" if (
         context.select == "measured") else ""
-    if context.select == "all" or ratio <= cost.GAIN_MARGIN:
-        layer.decision = REWRITE
-        prefix = "select=all; " if context.select == "all" else ""
-        layer.reason = f"{prefix}predicted time {ratio:.2f}x{unmeasured}"
-    else:
-        layer.decision = KEEP
-        layer.reason = f"no gain predicted ({layer.chosen.label()}: {ratio:.2f}x){unmeasured}"
+    decide_by_cost(layer, context.select, cost.GAIN_MARGIN, unmeasured)
     return layer
 
 

@@ -48,6 +48,8 @@ class LayerPlan:
     op: str
     weight_shape: tuple[int, ...]
     group: int = 1
+    #: the least precise dtype the weight was stored in (a Cast may widen it)
+    weight_dtype: str = ""
     best: Structure | None = None
     chosen: Structure | None = None
     lowering: Lowering | None = None

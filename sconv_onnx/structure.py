@@ -227,9 +227,21 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
 DTYPE_TOL_FLOOR = {"float16": 2 * 2.0**-11, "bfloat16": 2 * 2.0**-8}
 
 
-def effective_tol(tol: float, dtype) -> float:
-    """``tol``, raised to :data:`DTYPE_TOL_FLOOR` for low-precision weights."""
-    return max(tol, DTYPE_TOL_FLOOR.get(np.dtype(dtype).name, 0.0))
+def is_float_dtype(dtype) -> bool:
+    """numpy floats, and the low-precision floats numpy lacks (ml_dtypes' bfloat16)."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name in DTYPE_TOL_FLOOR
+
+
+def narrowest_dtype(*dtypes) -> str:
+    """Name of the least precise of ``dtypes`` (a weight's dtype, and those it was
+    stored in before a ``Cast``); the first one when none is low precision."""
+    names = [np.dtype(dtype).name for dtype in dtypes]
+    return max(names, key=lambda name: DTYPE_TOL_FLOOR.get(name, 0.0))
+
+
+def effective_tol(tol: float, *dtypes) -> float:
+    """``tol``, raised to :data:`DTYPE_TOL_FLOOR` of the narrowest of ``dtypes``."""
+    return max(tol, DTYPE_TOL_FLOOR.get(narrowest_dtype(*dtypes), 0.0))
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import onnx_graphsurgeon as gs
 from .. import cost
 from ..lowering import NodeEmitter, emit_channel_pool, emit_spatial_pool, pool_constant_count
 from ..plan import KEEP, REWRITE, LayerPlan, Lowering
-from ..structure import Structure, effective_tol, fit_alpha, search
+from ..structure import Structure, effective_tol, fit_alpha, is_float_dtype, narrowest_dtype, search
 from .batchnorm import BatchNormFold, apply_fold, find_fold
-from .graphs import constant_value, drop_if_unused, walk
+from .graphs import constant_value, drop_if_unused, stored_dtypes, walk
 
 OP_TYPE = "Conv"
 #: Quantized convolutions: reported, never rewritten.
@@ -136,7 +136,7 @@ def _site(graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
         site.skip_reason = ("quantized weight (QDQ): left as is" if quantized
                             else "weight is not a constant")
         return site
-    if weight.dtype.kind != "f":
+    if not is_float_dtype(weight.dtype):
         site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
         return site
     computed_bias = len(node.inputs) > 2 and node.inputs[2] is not None and bias is None
@@ -232,12 +232,14 @@ class PlanContext:
 def pool_keys(site: ConvSite, structure: Structure, lowering: Lowering) -> dict[str, tuple]:
     """Keys that identify the channel and spatial pools of a candidate.
 
-    Two layers with equal keys compute the same tensor: same input, same
-    lowering, same window (and, for the spatial pool, dilation and pads).
+    Two layers with equal keys compute the same tensor: same input in the
+    same (sub)graph, same lowering, same window (and, for the spatial pool,
+    dilation and pads).  Layers in different graphs never share a pool: one
+    If branch cannot read a tensor made in the other.
     """
     geom = site.geometry
     keys: dict[str, tuple] = {}
-    source: tuple = (site.node.inputs[0].name,)
+    source: tuple = (id(site.graph), site.node.inputs[0].name)
     if lowering.channel:
         source = keys["channel"] = (
             "channel", source, lowering.channel, geom.group, geom.in_channels_per_group,
@@ -281,7 +283,8 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     before = cost.original_ops(geom)
     layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
-    tol = effective_tol(context.tol, site.weight.dtype)
+    layer.weight_dtype = narrowest_dtype(site.weight.dtype, *stored_dtypes(site.node.inputs[1]))
+    tol = effective_tol(context.tol, layer.weight_dtype)
     structures = search(site.weight, tol)
     trivial = tuple(site.weight.shape[1:])
     nontrivial = [s for s in structures if s.sizes != trivial]

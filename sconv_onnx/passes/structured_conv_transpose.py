@@ -44,8 +44,8 @@ import onnx_graphsurgeon as gs
 from .. import cost
 from ..lowering import NodeEmitter, channel_spread_matrix, emit_spatial_pool
 from ..plan import LayerPlan, Lowering, decide_by_cost
-from ..structure import effective_tol, fit_alpha, search
-from .graphs import constant_value, drop_if_unused, walk
+from ..structure import effective_tol, fit_alpha, is_float_dtype, narrowest_dtype, search
+from .graphs import constant_value, drop_if_unused, stored_dtypes, walk
 from .structured_conv import PlanContext, int_attr_tuple, static_dims
 
 OP_TYPE = "ConvTranspose"
@@ -134,7 +134,7 @@ def _site(graph, node, static_shapes, concrete_shapes) -> TransposeSite:
     if weight is None:
         site.skip_reason = "weight is not a constant"
         return site
-    if weight.dtype.kind != "f":
+    if not is_float_dtype(weight.dtype):
         site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
         return site
     rank = weight.ndim - 2
@@ -193,7 +193,8 @@ def plan(site: TransposeSite, context: PlanContext) -> LayerPlan:
     before = cost.transpose_ops(geom, None)
     layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
-    tol = effective_tol(context.tol, site.weight.dtype)
+    layer.weight_dtype = narrowest_dtype(site.weight.dtype, *stored_dtypes(site.node.inputs[1]))
+    tol = effective_tol(context.tol, layer.weight_dtype)
     trivial = tuple(site.weight.shape[1:])
     nontrivial = [s for s in search(site.weight, tol) if s.sizes != trivial]
     if not nontrivial:

@@ -23,8 +23,8 @@ import onnx_graphsurgeon as gs
 from .. import cost
 from ..lowering import NodeEmitter, emit_window_sum
 from ..plan import LayerPlan, Lowering, decide_by_cost
-from ..structure import fit_alpha, search
-from .graphs import constant_value, drop_if_unused, walk
+from ..structure import effective_tol, fit_alpha, narrowest_dtype, search
+from .graphs import constant_value, drop_if_unused, stored_dtypes, walk
 from .structured_conv import CUMSUM_OPSET, PlanContext
 
 OP_TYPES = ("Gemm", "MatMul")
@@ -110,9 +110,11 @@ def plan(site: LinearSite, context: PlanContext) -> LayerPlan:
     before = cost.linear_ops(geom, None)
     layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
-    nontrivial = [s for s in search(site.weight, context.tol) if s.sizes[0] != geom.in_features]
+    layer.weight_dtype = narrowest_dtype(site.weight.dtype, *stored_dtypes(site.node.inputs[1]))
+    tol = effective_tol(context.tol, layer.weight_dtype)
+    nontrivial = [s for s in search(site.weight, tol) if s.sizes[0] != geom.in_features]
     if not nontrivial:
-        layer.reason = f"no structure within tol {context.tol:g}"
+        layer.reason = f"no structure within tol {tol:g}"
         return layer
     layer.best = layer.chosen = nontrivial[0]
     ops = cost.linear_ops(geom, layer.chosen.channels)
@@ -131,7 +133,7 @@ def rewrite(site: LinearSite, layer: LayerPlan, taken_names: set[str], pools: di
     node, under = site.node, layer.chosen.channels
     alpha = fit_alpha(site.weight, (under,)).astype(site.weight.dtype)  # OUT x c
     emitter = NodeEmitter(site.graph, node, site.name, taken_names)
-    key = ("features", node.inputs[0].name, site.feature_axis, site.geometry.in_features, under)
+    key = ("features", id(site.graph), node.inputs[0].name, site.feature_axis, site.geometry.in_features, under)
     if key not in pools:
         pools[key] = emit_window_sum(
             emitter, node.inputs[0], site.feature_axis, site.geometry.in_features, under,

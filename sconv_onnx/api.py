@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import onnx_graphsurgeon as gs
 from .bench import bench
 from .errors import InputError, VerificationError, first_line
 from .measure import Measurer
-from .modelio import load_model, restore_model_fields
+from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
 from .passes import PASSES
 from .passes.structured_conv import PlanContext
 from .plan import Plan
@@ -22,7 +23,6 @@ from .shapes import (
     load_inputs_file,
     parse_shape_hints,
     resolve_input_shapes,
-    with_input_shapes,
 )
 from .stats import model_stats
 from .verify import check_feeds, compare_outputs, random_feeds, run
@@ -32,9 +32,10 @@ DEFAULT_TOL = 1e-4
 #: Default bound on the verified relative output error at the default tolerance.
 DEFAULT_MAX_ERROR = 1e-3
 SELECT_MODES = ("cost", "all", "measured")
-#: Default verification bounds for low-precision outputs (float16 keeps ~3
-#: decimal digits, bfloat16 ~2; a rewrite re-rounds every sum).
-OUTPUT_DTYPE_MAX_ERROR = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
+#: Default verification bounds for low-precision outputs or rewritten weights
+#: (float16 keeps ~3 decimal digits, bfloat16 ~2; a rewrite re-rounds every
+#: sum, and alpha fits a weight rounded to its storage dtype).
+LOW_PRECISION_MAX_ERROR = {"float16": 1e-2, "bfloat16": 5e-2}
 #: Rounds of the whole-model A/B check that ``select="measured"`` ends with.
 WHOLE_MODEL_RUNS = 20
 #: The whole rewritten model must measure below this fraction of the original.
@@ -73,24 +74,25 @@ def _resolve_inputs(model, input_shapes, inputs, strict: bool) -> tuple[dict | N
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
 
+def _check_options(tol, select) -> None:
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise InputError(f"--tol must be a number >= 0, got {tol!r}")
+    if select not in SELECT_MODES:
+        raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
+
+
 def _analyse(
-    model_or_path, tol, select, input_shapes, inputs, strict, threads=None, measurer=None,
-    excluded=None,
+    model, tol, select, input_shapes, inputs, strict, threads=None, measurer=None, excluded=None,
 ) -> _Analysis:
-    """Load, resolve shapes, find every site and plan it.
+    """Resolve shapes, find every site of the loaded ``model`` and plan it.
 
     ``measurer`` (``select="measured"``) is created unless given, so that a
     caller planning twice reuses its timings; ``excluded`` maps node names
     that must be kept to the reason.
     """
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise InputError(f"--tol must be a number >= 0, got {tol!r}")
-    if select not in SELECT_MODES:
-        raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
-    model = load_model(model_or_path)
     feeds, shapes = _resolve_inputs(model, input_shapes, inputs, strict)
     static = infer_tensor_shapes(model)
-    concrete = infer_tensor_shapes(with_input_shapes(model, shapes.shapes)) if shapes.shapes else static
+    concrete = infer_tensor_shapes(model, shapes.shapes) if shapes.shapes else static
     graph = gs.import_onnx(model)
     opset = _default_opset(model)
     plan = Plan(tol=float(tol), select=select)
@@ -120,7 +122,8 @@ def analyze(
     ``input_shapes``: ``{name: shape}`` or ``["name:d1,d2", ...]``, used for
     MAC counts (dynamic dims without a hint leave MACs unknown).
     """
-    return _analyse(model_or_path, tol, select, input_shapes, inputs, strict=False,
+    _check_options(tol, select)
+    return _analyse(load_model(model_or_path), tol, select, input_shapes, inputs, strict=False,
                     threads=threads).plan
 
 
@@ -173,41 +176,58 @@ def optimize(
             (default: the cores available).
 
     Returns:
-        ``(model, report)``.  The input model is never modified.
+        ``(model, report)``.  The input model is never modified.  Weights
+        in external data files next to the input are read transparently;
+        save a model above 2 GiB with
+        :func:`sconv_onnx.modelio.save_model` (external data).
 
     Raises:
         InputError: bad input (exit code 2 on the CLI).
         VerificationError: outputs differ beyond ``max_error``; its
             ``report`` attribute holds the report (exit code 1).
     """
+    _check_options(tol, select)
     measurer = Measurer(threads=threads) if select == "measured" else None
     excluded: dict[str, str] = {}
     source = load_model(model_or_path)  # once: the measured loop may plan several times
+    given = isinstance(model_or_path, onnx.ModelProto)
+    if given:
+        # graphsurgeon's export writes into tensors it imported lazily (a Constant node's
+        # value): work on a copy, so that the caller's model is never modified
+        source = _copy(source)
+    # onnxruntime reads a model given as a path from the file: no copy of its weights
+    runnable = source if given else model_or_path
     while True:
         analysis = _analyse(source, tol, select, input_shapes, inputs, strict=verify,
                             measurer=measurer, excluded=excluded)
-        original = analysis.model
         rewritten = _rewrite(analysis)
         if measurer is None or not analysis.plan.rewritten:
             break
-        ratio = _whole_model_ratio(original, rewritten, analysis, measurer, seed)
+        ratio = _whole_model_ratio(runnable, rewritten, analysis, measurer, seed)
         analysis.plan.model_ratio = ratio
         if ratio <= WHOLE_MODEL_MARGIN:
             break
         _exclude_least_gainful(analysis.plan, ratio, excluded)
     if max_error is None and tol <= DEFAULT_TOL:
-        max_error = default_max_error(original)
-    after_shapes = infer_tensor_shapes(with_input_shapes(rewritten, analysis.shapes.shapes))
+        max_error = default_max_error(source, analysis.plan)
     report = Report(
         plan=analysis.plan,
-        before=model_stats(original, analysis.concrete_shapes),
-        after=model_stats(rewritten, after_shapes),
+        before=_model_stats(source, analysis.concrete_shapes),
+        after=_model_stats(rewritten, infer_tensor_shapes(rewritten, analysis.shapes.shapes)),
         input_shapes=dict(analysis.shapes.shapes),
         notes=list(analysis.shapes.notes),
         max_error=max_error,
     )
+    feeds = _feeds(analysis, seed) if verify else None
+    # The graph view holds its own copy of every weight a pass read and is cyclic (nodes and
+    # tensors point at each other): for a large model, collect it and drop the loaded model
+    # before onnxruntime loads the models (a path input is run from its file).  A collection
+    # takes ~0.1 s in a busy process: not worth it for a small one.
+    del source, analysis
+    if report.before.size > LARGE_MODEL_BYTES:
+        gc.collect()
     if verify:
-        report.errors = _verify(original, rewritten, analysis, seed)
+        report.errors = _verify(runnable, rewritten, feeds, report.notes)
         if not report.verified:
             raise VerificationError(
                 f"verification failed: max relative error {report.max_rel_error:.3g} "
@@ -217,32 +237,58 @@ def optimize(
     return rewritten, report
 
 
-def default_max_error(model: onnx.ModelProto) -> float:
-    """:data:`DEFAULT_MAX_ERROR`, or looser when an output is stored in low precision."""
-    bounds = [OUTPUT_DTYPE_MAX_ERROR.get(out.type.tensor_type.elem_type, DEFAULT_MAX_ERROR)
-              for out in model.graph.output]
-    return max(bounds, default=DEFAULT_MAX_ERROR)
+def default_max_error(model: onnx.ModelProto, plan: Plan | None = None) -> float:
+    """:data:`DEFAULT_MAX_ERROR`, or looser when an output, or the stored weight of
+    a rewritten layer, is in low precision (:data:`LOW_PRECISION_MAX_ERROR`)."""
+    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name
+              for out in model.graph.output if out.type.tensor_type.elem_type]
+    if plan is not None:
+        dtypes += [layer.weight_dtype for layer in plan.rewritten]
+    return max([DEFAULT_MAX_ERROR] + [LOW_PRECISION_MAX_ERROR.get(name, 0.0) for name in dtypes])
+
+
+def _model_stats(model: onnx.ModelProto, shapes: dict):
+    """:func:`model_stats` of ``model``, read on its weightless copy.
+
+    ``ByteSize`` serializes the whole model (and fails above 2 GiB); the
+    copy has the same ops and tensor dims, and knows the size.
+    """
+    skeleton = weightless(model)
+    stats = model_stats(skeleton.model, shapes)
+    stats.size = skeleton.serialized_size
+    return stats
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    duplicate = onnx.ModelProto()
+    duplicate.CopyFrom(model)
+    return duplicate
 
 
 def _rewrite(analysis: _Analysis) -> onnx.ModelProto:
-    """Apply every ``rewrite`` decision of the plan; a copy of the model if there are none."""
+    """Apply every ``rewrite`` decision of the plan; with none, the analysed model itself."""
     taken, pools = _all_names(analysis.graph), {}
     for (rewrite_pass, site), layer in zip(analysis.sites, analysis.plan.layers):
         if layer.rewritten:
             rewrite_pass.rewrite(site, layer, taken, pools)
     if not analysis.plan.rewritten:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(analysis.model)
-        return copy
+        return analysis.model
     rewritten = gs.export_onnx(analysis.graph, do_type_check=False)
     restore_model_fields(analysis.model, rewritten)
     return rewritten
 
 
+def _feeds(analysis: _Analysis, seed: int) -> dict:
+    """The user's inputs, or seeded random ones at the resolved shapes."""
+    return analysis.feeds or random_feeds(analysis.model, analysis.shapes.shapes, seed)
+
+
 def _whole_model_ratio(original, rewritten, analysis: _Analysis, measurer, seed: int) -> float:
-    """Median per-round time ratio rewritten/original, side by side (``select="measured"``)."""
-    feeds = analysis.feeds or random_feeds(original, analysis.shapes.shapes, seed)
-    result = bench([original, rewritten], feeds, threads=measurer.threads,
+    """Median per-round time ratio rewritten/original, side by side (``select="measured"``).
+
+    ``original``: a ``ModelProto`` or the input's path.
+    """
+    result = bench([original, rewritten], _feeds(analysis, seed), threads=measurer.threads,
                    runs=WHOLE_MODEL_RUNS, warmup=3)
     return result.ratios[1]
 
@@ -260,14 +306,17 @@ def _exclude_least_gainful(plan: Plan, ratio: float, excluded: dict[str, str]) -
         )
 
 
-def _verify(original, rewritten, analysis: _Analysis, seed: int):
-    feeds = analysis.feeds or random_feeds(original, analysis.shapes.shapes, seed)
+def _verify(original, rewritten, feeds: dict, notes: list[str]):
+    """Per-output errors of ``rewritten`` against ``original`` (a ``ModelProto`` or a path).
+
+    How they were run, when it matters (bfloat16 widened), goes to ``notes``.
+    """
     try:
-        reference = run(original, feeds)
+        reference = run(original, feeds, notes)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise InputError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
     try:
-        candidate = run(rewritten, feeds)
+        candidate = run(rewritten, feeds, notes)
     except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
         raise VerificationError(
             f"verification failed: the rewritten model does not run: {first_line(exc)}"
@@ -276,14 +325,19 @@ def _verify(original, rewritten, analysis: _Analysis, seed: int):
 
 
 def verify_models(model_a, model_b, *, input_shapes=None, inputs=None, seed: int = 0):
-    """Run two models on the same inputs; per-output errors of ``b`` against ``a``."""
-    a, b = load_model(model_a), load_model(model_b)
+    """Run two models on the same inputs; per-output errors of ``b`` against ``a``.
+
+    Models given as paths are checked without reading their external data
+    and run by onnxruntime from the files.
+    """
+    a = load_model(model_a, weights=False)
+    load_model(model_b, weights=False)
     feeds, shapes = _resolve_inputs(a, input_shapes, inputs, strict=True)
     feeds = feeds or random_feeds(a, shapes.shapes, seed)
     outputs = []
-    for label, model in (("first", a), ("second", b)):
+    for label, model in (("first", model_a), ("second", model_b)):
         try:
-            outputs.append(run(model, feeds))
+            outputs.append(run(model, feeds, shapes.notes))
         except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
             raise InputError(f"onnxruntime cannot run the {label} model: {first_line(exc)}") from None
     if set(outputs[0]) != set(outputs[1]):
@@ -295,13 +349,17 @@ def bench_models(models, *, names=None, input_shapes=None, inputs=None, seed: in
     """Time models (``ModelProto`` or paths) side by side on the same inputs.
 
     ``options`` go to :func:`sconv_onnx.bench.bench` (threads, runs, warmup,
-    profile).  Inputs are resolved from the first model.
+    profile).  Inputs are resolved from the first model.  Models given as
+    paths are checked without reading their external data and timed by
+    onnxruntime from the files.
     """
-    loaded = [load_model(model) for model in models]
-    feeds, shapes = _resolve_inputs(loaded[0], input_shapes, inputs, strict=True)
-    feeds = feeds or random_feeds(loaded[0], shapes.shapes, seed)
+    first = load_model(models[0], weights=False)
+    for model in models[1:]:
+        load_model(model, weights=False)
+    feeds, shapes = _resolve_inputs(first, input_shapes, inputs, strict=True)
+    feeds = feeds or random_feeds(first, shapes.shapes, seed)
     try:
-        return bench(loaded, feeds, names=names, **options)
+        return bench(list(models), feeds, names=names, **options)
     except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
         raise InputError(f"onnxruntime cannot run a model: {first_line(exc)}") from None
 

@@ -32,9 +32,12 @@ def default_threads() -> int:
 
 
 def timing_session(
-    model: onnx.ModelProto, threads: int, profile_dir: str | None = None
+    model: onnx.ModelProto | str | os.PathLike, threads: int, profile_dir: str | None = None
 ) -> ort.InferenceSession:
-    """A CPU session for timing: ``threads`` intra-op threads, no spinning, sequential."""
+    """A CPU session for timing: ``threads`` intra-op threads, no spinning, sequential.
+
+    ``model``: a ``ModelProto`` or a model file's path (see :func:`~sconv_onnx.verify.session`).
+    """
     return session(model, threads, spinning=False, profile_dir=profile_dir)
 
 
@@ -90,7 +93,7 @@ def time_sessions(sessions: list, feeds: dict | list[dict], runs: int, warmup: i
 
 
 def bench(
-    models: list[onnx.ModelProto],
+    models: list[onnx.ModelProto | str | os.PathLike],
     feeds: dict,
     *,
     names: list[str] | None = None,
@@ -99,7 +102,11 @@ def bench(
     warmup: int = 10,
     profile: bool = False,
 ) -> BenchResult:
-    """Time ``models`` side by side on ``feeds``; optionally profile each per op type."""
+    """Time ``models`` side by side on ``feeds``; optionally profile each per op type.
+
+    ``models``: ``ModelProto`` or paths; a path is read by onnxruntime in
+    place (external data included), so no copy of its weights is made here.
+    """
     threads = threads or default_threads()
     names = names or [f"model {i}" for i in range(len(models))]
     sessions = [timing_session(model, threads) for model in models]
@@ -117,7 +124,9 @@ def bench(
     return result
 
 
-def profile_op_types(model: onnx.ModelProto, feeds: dict, threads: int, runs: int) -> dict[str, float]:
+def profile_op_types(
+    model: onnx.ModelProto | str | os.PathLike, feeds: dict, threads: int, runs: int
+) -> dict[str, float]:
     """Milliseconds per run spent in each op type, from onnxruntime's profiler.
 
     Op types are onnxruntime's after its graph optimizations (e.g. a Conv

@@ -26,7 +26,7 @@ from .api import (
 )
 from .bench import default_threads, format_result
 from .errors import InputError, SconvError, VerificationError, first_line
-from .modelio import check_output_path, save_model_atomic, write_atomic
+from .modelio import check_output_path, save_model, write_atomic
 from .report import layer_table
 
 PROG = "sconv-onnx"
@@ -78,6 +78,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_MAX_ERROR:g} at the default --tol, else no bound)")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     opt.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    opt.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                     help="write the weights to one file OUT.data beside OUT (default: only when "
+                          "the model is above protobuf's 2 GiB limit; --no-external-data "
+                          "refuses such a model instead)")
     opt.add_argument("--quiet", action="store_true", help="print only the summary line")
     opt.add_argument("--bench", action="store_true",
                      help="time the original and the rewritten model side by side at the end")
@@ -123,7 +127,7 @@ def _summary_line(report, out: str) -> str:
 def _optimize(args) -> int:
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file")
-    check_output_path(args.input, args.output)
+    check_output_path(args.input, args.output, external_data=args.external_data)
     if args.report:
         check_output_path(args.input, args.report)
     try:
@@ -136,12 +140,14 @@ def _optimize(args) -> int:
         if exc.report is not None and not args.quiet:
             print(exc.report.format())
         raise
-    save_model_atomic(model, args.output)
+    data = save_model(model, args.output, external_data=args.external_data)
+    del model  # --bench reads both models from their files
     if args.report:
         write_atomic(args.report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
     if not args.quiet:
         print(report.format())
-    print(_summary_line(report, args.output))
+    written = args.output if data is None else f"{args.output} (weights in {data.name})"
+    print(_summary_line(report, written))
     if args.bench:
         result = bench_models(
             [args.input, args.output], names=["original", "rewritten"], input_shapes=args.input_shape,
@@ -186,6 +192,8 @@ def _verify(args) -> int:
     worst = max((e.max_rel for e in errors), default=0.0)
     used = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.shapes.items())
     print(f"inputs {used}")
+    for note in shapes.notes:
+        print(f"note: {note}")
     for err in errors:
         print(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
     if worst > args.max_error:
@@ -208,7 +216,7 @@ def _demo(args) -> int:
     return _optimize(argparse.Namespace(
         input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", input_shape=[],
         inputs=None, no_verify=False, max_error=None, report=None, quiet=False,
-        bench=True, threads=None, runs=50, warmup=10,
+        bench=True, threads=None, runs=50, warmup=10, external_data=None,
     ))
 
 

@@ -1,13 +1,30 @@
-"""Loading and saving models: clear errors on bad input, atomic writes."""
+"""Loading and saving models: clear errors on bad input, atomic writes, external data.
+
+Large models.  A model's weights may live in external data files next to it
+(read transparently, relative to the model's folder), and a model above
+protobuf's 2 GiB limit (:data:`PROTOBUF_LIMIT`) cannot be serialized as one
+message at all.  Nothing here serializes a whole model when it can be
+avoided: the checker, shape inference and the statistics read a *weightless
+copy* (:func:`weightless`: the graph with its large tensors replaced by
+references to an external file), and onnxruntime reads models from a path
+(:func:`external_copy`), so the weights are never held twice for those.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import TensorProto
 
 from .errors import InputError, first_line
 
@@ -23,83 +40,453 @@ _MODEL_FIELDS = (
     "doc_string",
 )
 
+#: Largest message protobuf serializes, in bytes (2 GiB - 1).  A model above
+#: it is written with external data.  A module constant so that tests can
+#: lower it and run the large-model branches on small models.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Models above this serialized size in bytes count as large: onnxruntime
+#: reads them from a file rather than from bytes, and ``optimize`` frees its
+#: graph view before verification.  Below it a copy of the weights costs less
+#: than the milliseconds those take.
+LARGE_MODEL_BYTES = 64 * 2**20
+#: Tensors whose raw data has at least this many bytes go to the external
+#: data file; smaller ones (shapes, axes, scalars) stay in the model, where
+#: shape inference reads them (onnx's own default threshold).
+EXTERNAL_MIN_BYTES = 1024
+#: Tensors of at least :data:`ALIGN_MIN_BYTES` start at a multiple of
+#: :data:`ALIGNMENT` bytes in the data file, so that onnxruntime can
+#: memory-map them (onnx's defaults: 1 MiB and the 64 KiB allocation
+#: granularity of Windows, a multiple of every page size).
+ALIGN_MIN_BYTES = 1024 * 1024
+ALIGNMENT = 64 * 1024
+#: Bits per element of the packed sub-byte types (2 or 4 elements per byte).
+_PACKED_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(TensorProto, name)
+}
 
-def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """Return a checked ``ModelProto`` from a path or a ``ModelProto``.
 
-    Raises :class:`InputError` with one line for a missing file, a file that
-    is not ONNX (text, truncated protobuf) or a model the checker rejects.
+def data_path(out_path: str | os.PathLike) -> Path:
+    """The external data file written beside ``out_path``: ``<out>.data``."""
+    out = Path(out_path)
+    return out.with_name(out.name + ".data")
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Bytes of ``tensor``'s raw data as its type and dims imply.
+
+    Computed without reading the data (reading ``raw_data`` copies it).
     """
-    if isinstance(model_or_path, onnx.ModelProto):
-        model = model_or_path
-        where = "model"
-    else:
-        path = Path(model_or_path)
-        where = str(path)
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if not path.is_file():
-            raise InputError(f"{path}: not a file")
-        try:
-            model = onnx.load(str(path))
-        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_BITS:
+        return math.ceil(count * _PACKED_BITS[tensor.data_type] / 8)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return count * itemsize
+
+
+def _is_heavy(tensor: TensorProto) -> bool:
+    """Whether ``tensor`` holds raw data large enough to go to an external file."""
+    return tensor.HasField("raw_data") and tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every dense tensor of ``model``: initializers and attribute tensors, subgraphs and
+    functions included."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+# --- the weightless copy ------------------------------------------------------------------
+
+
+def _is_repeated(field_descriptor) -> bool:
+    if hasattr(field_descriptor, "is_repeated"):  # protobuf >= 5.28; ``label`` is gone in 7
+        return field_descriptor.is_repeated
+    return field_descriptor.label == field_descriptor.LABEL_REPEATED
+
+
+def _copy_fields(source, target, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of ``source`` onto ``target`` except those named in ``skip``.
+
+    Skipped fields are never read (reading ``raw_data`` would copy it).
+    """
+    for descriptor in source.DESCRIPTOR.fields:
+        name = descriptor.name
+        if name in skip:
+            continue
+        if _is_repeated(descriptor):
+            values = getattr(source, name)
+            if values:
+                getattr(target, name).extend(values)
+        elif source.HasField(name):
+            if descriptor.message_type is not None:
+                getattr(target, name).CopyFrom(getattr(source, name))
+            else:
+                setattr(target, name, getattr(source, name))
+
+
+def _copy_tensor(source: TensorProto, target: TensorProto, heavy: list) -> None:
+    """``source`` into the empty ``target``: a stub without data when it is heavy."""
+    if not _is_heavy(source):
+        target.CopyFrom(source)
+        return
+    _copy_fields(source, target, skip=("raw_data",))
+    target.data_location = TensorProto.EXTERNAL  # where: set by Weightless.write
+    heavy.append((target, source))
+
+
+def _copy_node(source: onnx.NodeProto, target: onnx.NodeProto, heavy: list) -> None:
+    _copy_fields(source, target, skip=("attribute",))
+    for attr in source.attribute:
+        copy = target.attribute.add()
+        _copy_fields(attr, copy, skip=("t", "tensors", "g", "graphs"))
+        if attr.HasField("t"):
+            _copy_tensor(attr.t, copy.t, heavy)
+        for tensor in attr.tensors:
+            _copy_tensor(tensor, copy.tensors.add(), heavy)
+        if attr.HasField("g"):
+            _copy_graph(attr.g, copy.g, heavy)
+        for graph in attr.graphs:
+            _copy_graph(graph, copy.graphs.add(), heavy)
+
+
+def _holds_tensors(node: onnx.NodeProto) -> bool:
+    return any(attr.HasField("t") or attr.tensors or attr.HasField("g") or attr.graphs
+               for attr in node.attribute)
+
+
+def _copy_graph(source: onnx.GraphProto, target: onnx.GraphProto, heavy: list) -> None:
+    _copy_fields(source, target, skip=("initializer", "node"))
+    for tensor in source.initializer:
+        _copy_tensor(tensor, target.initializer.add(), heavy)
+    for node in source.node:
+        if _holds_tensors(node):
+            _copy_node(node, target.node.add(), heavy)
+        else:
+            target.node.append(node)
+
+
+def _set_external_data(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+@dataclass
+class Weightless:
+    """A copy of a model whose heavy tensors are stubs that hold no data.
+
+    ``model`` is the copy: nodes, small tensors, value infos and metadata as
+    in the original; each tensor with at least :data:`EXTERNAL_MIN_BYTES` of
+    raw data is replaced by a stub (name, type, dims, external data entries).
+    ``tensors`` pairs each stub with the original tensor it stands for.
+    Shape inference, the checker and the statistics read the copy, so they
+    never copy or serialize the weights; :meth:`write` turns it into a model
+    with external data.
+    """
+
+    model: onnx.ModelProto
+    tensors: list[tuple[TensorProto, TensorProto]] = field(default_factory=list)
+
+    @property
+    def serialized_size(self) -> int:
+        """An upper bound of the original model's serialized size in bytes.
+
+        The copy's size plus each heavy tensor's data and 16 bytes for its
+        field tags and length prefixes; exact to a few bytes per tensor.
+        """
+        return self.model.ByteSize() + sum(tensor_nbytes(t) + 16 for _, t in self.tensors)
+
+    def write(self, model_file: Path, data_file: Path, location: str, sync: bool = True) -> None:
+        """Write the weights to ``data_file`` and the model, pointing at ``location``, to ``model_file``.
+
+        One tensor's data is copied at a time.  Both files are created
+        (``"xb"``: never over an existing file) and, with ``sync``, flushed
+        to the disk (not for throwaway copies: an fsync costs milliseconds).
+        """
+        with open(data_file, "xb") as handle:
+            for stub, tensor in self.tensors:
+                raw = tensor.raw_data
+                if len(raw) >= ALIGN_MIN_BYTES:
+                    handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
+                _set_external_data(stub, location, handle.tell(), len(raw))
+                handle.write(raw)
+            if sync:
+                _sync(handle)
+        _write_new(model_file, self.model.SerializeToString(), sync)
+
+
+def weightless(model: onnx.ModelProto) -> Weightless:
+    """The :class:`Weightless` copy of ``model`` (the original is not modified)."""
+    copy = Weightless(onnx.ModelProto())
+    _copy_fields(model, copy.model, skip=("graph",))
+    _copy_graph(model.graph, copy.model.graph, copy.tensors)
+    return copy
+
+
+@contextmanager
+def external_copy(model: onnx.ModelProto) -> Iterator[Path]:
+    """``model`` saved with external data in a temporary folder; the folder goes on exit.
+
+    For readers that take a path (onnxruntime, the checker): unlike
+    ``SerializeToString`` this works above 2 GiB and holds one tensor's
+    data at a time.  Uses the folder for temporary files (``TMPDIR``).
+    """
+    with tempfile.TemporaryDirectory(prefix="sconv-onnx-", ignore_cleanup_errors=True) as folder:
+        path = Path(folder) / "model.onnx"
+        weightless(model).write(path, data_path(path), data_path(path).name, sync=False)
+        yield path
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _location(tensor: TensorProto) -> str:
+    """The external data file name of ``tensor``, relative to the model's folder."""
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+
+
+def _external_file(model_path: Path, tensor: TensorProto) -> tuple[Path, int, int | None]:
+    """``(file, offset, length)`` of an external tensor; InputError if its location is unsafe."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = _location(tensor)
+    if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        raise InputError(f"{model_path}: tensor {tensor.name!r} has external data location "
+                         f"{location!r}, not a file name inside the model's folder")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise InputError(f"{model_path}: tensor {tensor.name!r} has a non-integer external "
+                         f"data offset or length") from None
+    return model_path.parent / location, offset, length
+
+
+def _check_external_files(model: onnx.ModelProto, model_path: Path) -> None:
+    """Every external data file exists and holds each tensor's bytes: one-line InputError if not."""
+    sizes: dict[Path, int] = {}
+    for tensor in iter_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        file, offset, length = _external_file(model_path, tensor)
+        if file not in sizes:
+            if not file.is_file():
+                raise InputError(f"{model_path}: external data file {file} is missing "
+                                 f"(it holds tensor {tensor.name!r})")
+            sizes[file] = file.stat().st_size
+        end = offset + (length if length is not None else tensor_nbytes(tensor))
+        if end > sizes[file]:
+            raise InputError(f"{model_path}: external data file {file} is truncated: tensor "
+                             f"{tensor.name!r} needs bytes {offset}..{end}, the file has {sizes[file]}")
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The model file's message, external data not read."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+
+
+def _check(model: onnx.ModelProto, path: Path | None, where: str) -> None:
+    """onnx's checker, on the file when there is one, else on the message.
+
+    The checker takes a serialized message: a model from a file is checked
+    there (no copy; external data checked in place), a ``ModelProto`` above
+    :data:`PROTOBUF_LIMIT` through an :func:`external_copy`.
+    """
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{where}: not a valid ONNX model (no graph)")
     try:
-        onnx.checker.check_model(model)
+        if path is not None:
+            onnx.checker.check_model(str(path))
+        elif weightless(model).serialized_size > PROTOBUF_LIMIT:
+            with external_copy(model) as copy:
+                onnx.checker.check_model(str(copy))
+        else:
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{where}: invalid ONNX model ({first_line(exc)})") from None
+
+
+def load_model(
+    model_or_path: onnx.ModelProto | str | os.PathLike, *, weights: bool = True
+) -> onnx.ModelProto:
+    """Return a checked ``ModelProto`` from a path or a ``ModelProto``.
+
+    External data files are read from the model's folder (``weights=False``
+    leaves them where they are, for callers that only need the graph; they
+    are still checked).  Raises :class:`InputError` with one line for a
+    missing file, a file that is not ONNX (text, truncated protobuf), a
+    missing or truncated external data file, or a model the checker rejects.
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        _check(model_or_path, None, "model")
+        return model_or_path
+    path = Path(model_or_path)
+    model = _parse(path)
+    _check_external_files(model, path)
+    _check(model, path, str(path))
+    if weights:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read external data ({first_line(exc)})") from None
     return model
 
 
-def check_output_path(in_path: str | os.PathLike | None, out_path: str | os.PathLike) -> Path:
-    """Validate ``out_path`` before any work: its folder exists, it is not the input."""
+def model_files(path: str | os.PathLike) -> set[Path]:
+    """The model file and the external data files it references (resolved), if readable."""
+    source = Path(path)
+    files = {source.resolve()}
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return files  # load_model will say what is wrong with it
+    for tensor in iter_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL and _location(tensor):
+            files.add((source.parent / _location(tensor)).resolve())
+    return files
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+
+def check_output_path(
+    in_path: str | os.PathLike | None, out_path: str | os.PathLike, external_data: bool = False
+) -> Path:
+    """Validate ``out_path`` before any work: its folder exists, it is not one of the input's files.
+
+    With ``external_data`` (True, or None: maybe) ``<out>.data`` must not be
+    one of them either: the input model and its external data files are
+    never overwritten.
+    """
     out = Path(out_path)
     if out.exists() and out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name for the output model")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{out}: folder {folder} does not exist")
-    if in_path is not None:
-        source = Path(in_path)
-        same = source.resolve() == out.resolve()
-        if not same and out.exists() and source.exists():
-            same = os.path.samefile(source, out)
-        if same:
-            raise InputError(f"{out}: output equals the input; refusing to overwrite it")
+    if in_path is None:
+        return out
+    source = Path(in_path)
+    if source.resolve() == out.resolve() or (out.exists() and source.exists()
+                                             and os.path.samefile(source, out)):
+        raise InputError(f"{out}: output equals the input; refusing to overwrite it")
+    targets = [out] + ([data_path(out)] if external_data is not False else [])
+    if any(target.exists() for target in targets) and source.is_file():
+        inputs = model_files(source)
+        for target in targets:
+            if target.resolve() in inputs:
+                raise InputError(f"{target}: is a file of the input model {source}; "
+                                 f"refusing to overwrite it")
     return out
 
 
-def write_atomic(out_path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``out_path`` through a temporary file and a rename.
+def _sync(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
 
-    A reader never sees a half-written file and a failure leaves nothing
-    behind.
+
+def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and, with ``sync``, flush it to disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        if sync:
+            _sync(handle)
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``out`` (hidden), removed on exit unless renamed.
+
+    The caller creates the file (with the usual permissions, unlike
+    ``mkstemp``'s 0600) and renames it over ``out`` when complete, so that
+    a reader never sees a half-written file and a failure leaves nothing.
+    """
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(out_path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``out_path`` through a temporary file and a rename."""
+    out = Path(out_path)
+    with _staged(out) as tmp:
+        _write_new(tmp, data)
+        os.replace(tmp, out)
+
+
+def save_model(
+    model: onnx.ModelProto, out_path: str | os.PathLike, external_data: bool | None = None
+) -> Path | None:
+    """Write ``model`` to ``out_path`` atomically; return the external data file if one was written.
+
+    ``external_data``: True puts every tensor of at least
+    :data:`EXTERNAL_MIN_BYTES` in one file ``<out>.data`` beside the model;
+    None (default) does so only when the model is above
+    :data:`PROTOBUF_LIMIT` (it cannot be one message); False refuses such
+    a model with an :class:`InputError`.  With external data both files
+    are written to temporary names first, then renamed (the data, then the
+    model): a failure leaves neither (nor a half-written one).
     """
     out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike) -> None:
-    """Serialize ``model`` and :func:`write_atomic` it."""
-    write_atomic(out_path, model.SerializeToString())
+    split = weightless(model)
+    too_big = split.serialized_size > PROTOBUF_LIMIT
+    if too_big and external_data is False:
+        raise InputError(
+            f"{out}: the model needs about {split.serialized_size / 2**30:.2f} GiB, above "
+            f"protobuf's 2 GiB limit for one file; save it with external data (--external-data)"
+        )
+    if not (external_data or too_big):
+        write_atomic(out, model.SerializeToString())
+        return None
+    data = data_path(out)
+    with _staged(data) as data_tmp, _staged(out) as model_tmp:
+        split.write(model_tmp, data_tmp, data.name)
+        os.replace(data_tmp, data)
+        try:
+            os.replace(model_tmp, out)
+        except BaseException:
+            data.unlink(missing_ok=True)
+            raise
+    return data
 
 
 def restore_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
     """Copy the model-level fields, opsets and metadata of ``source`` onto ``target``."""
-    for field in _MODEL_FIELDS:
-        setattr(target, field, getattr(source, field))
+    for name in _MODEL_FIELDS:
+        setattr(target, name, getattr(source, name))
     del target.opset_import[:]
     target.opset_import.extend(source.opset_import)
     del target.metadata_props[:]

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .modelio import weightless
 
 
 def parse_shape_hint(text: str) -> tuple[str, tuple[int, ...]]:
@@ -138,25 +139,43 @@ def resolve_input_shapes(
     return ResolvedShapes(shapes, notes)
 
 
-def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs declare the given concrete shapes."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for inp in fixed.graph.input:
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Make the inputs of ``model`` (modified in place) declare the given concrete shapes."""
+    for inp in model.graph.input:
         if inp.name in shapes and inp.type.HasField("tensor_type"):
             shape = inp.type.tensor_type.shape
             shape.ClearField("dim")
             for size in shapes[inp.name]:
                 shape.dim.add().dim_value = size
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs declare the given concrete shapes."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    set_input_shapes(fixed, shapes)
     return fixed
 
 
-def infer_tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Shapes of every tensor that onnx shape inference can tell (main graph)."""
+def infer_tensor_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, list[int | str | None]]:
+    """Shapes of every tensor that onnx shape inference can tell (main graph).
+
+    ``input_shapes`` (``{name: shape}``) replace the declared input shapes.
+    Inference runs on a :func:`~sconv_onnx.modelio.weightless` copy: onnx's
+    ``infer_shapes`` serializes its argument and parses the result back, so
+    on the model itself it would hold the weights three more times and fail
+    above 2 GiB.  Small tensors (shapes, axes) stay in the copy for the ops
+    whose output shape depends on their values.
+    """
+    skeleton = weightless(model).model
+    if input_shapes:
+        set_input_shapes(skeleton, input_shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is best effort; callers cope with unknowns
-        inferred = model
+        inferred = skeleton
     graph = inferred.graph
     shapes: dict[str, list[int | str | None]] = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):

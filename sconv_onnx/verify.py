@@ -9,8 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import modelio
 from .errors import InputError
+from .modelio import external_copy, weightless
 from .shapes import graph_inputs
+from .widen import widen_feeds, widen_model
 
 
 @dataclass
@@ -36,7 +39,7 @@ def random_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], see
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
         shape = shapes[inp.name]
         if dtype == np.bool_:
-            feeds[inp.name] = rng.random(shape) < 0.5
+            feeds[inp.name] = np.asarray(rng.random(shape) < 0.5)  # an array even for shape ()
         elif np.issubdtype(dtype, np.integer):
             feeds[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
         else:
@@ -58,13 +61,16 @@ def check_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
 
 
 def session(
-    model: onnx.ModelProto, threads: int = 0, spinning: bool = True, profile_dir: str | None = None
+    model: onnx.ModelProto | str | os.PathLike, threads: int = 0, spinning: bool = True,
+    profile_dir: str | None = None,
 ) -> ort.InferenceSession:
     """A CPU session with quiet logging (errors surface as exceptions, reported in one line).
 
-    ``threads``: intra-op threads (0: onnxruntime's default); ``spinning``
-    off for timing side by side (DESIGN.md section 2); ``profile_dir``
-    turns onnxruntime's profiler on.
+    ``model``: a ``ModelProto`` or the path of a model file, read in place
+    with its external data (see :func:`_create`).  ``threads``: intra-op
+    threads (0: onnxruntime's default); ``spinning`` off for timing side by
+    side (DESIGN.md section 2); ``profile_dir`` turns onnxruntime's
+    profiler on.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4
@@ -76,14 +82,54 @@ def session(
     if profile_dir is not None:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile_dir, "profile")
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return _create(model, options)
 
 
-def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
-    """All outputs of ``model`` on ``feeds``, keyed by output name."""
-    sess = session(model)
+def _create(model: onnx.ModelProto | str | os.PathLike, options) -> ort.InferenceSession:
+    """The session of a path, or of a ``ModelProto`` as bytes or through a temporary file.
+
+    A model up to :data:`~sconv_onnx.modelio.LARGE_MODEL_BYTES` goes as
+    serialized bytes (no files: a few milliseconds less per session, and
+    ``select="measured"`` creates many); a larger one as an
+    :func:`~sconv_onnx.modelio.external_copy`, read from disk one tensor at
+    a time, since bytes would hold every weight once more (twice while
+    onnxruntime parses them) and cannot exceed 2 GiB.
+    """
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(os.fspath(model), options, providers=providers)
+    limit = min(modelio.LARGE_MODEL_BYTES, modelio.PROTOBUF_LIMIT)
+    if weightless(model).serialized_size <= limit:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with external_copy(model) as path:
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+#: the report note when a model ran widened (see :mod:`sconv_onnx.widen`)
+WIDENED_NOTE = ("bfloat16 model: onnxruntime's CPU provider cannot run it, so both models were "
+                "verified with every bfloat16 tensor widened to float32 (exact for the weights; "
+                "float32 arithmetic)")
+
+
+def run(
+    model: onnx.ModelProto | str | os.PathLike, feeds: dict, notes: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` (a ``ModelProto`` or a path) on ``feeds``, keyed by output name.
+
+    A model that onnxruntime refuses for its bfloat16 types (its CPU
+    provider has no bfloat16 Conv, Gemm or MatMul) is run as its float32
+    :func:`~sconv_onnx.widen.widen_model` copy, on widened feeds;
+    :data:`WIDENED_NOTE` is then added to ``notes`` (once).
+    """
+    try:
+        sess = session(model)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        if "bfloat16" not in str(exc):
+            raise
+        sess = session(widen_model(modelio.load_model(model)))
+        feeds = widen_feeds(feeds)
+        if notes is not None and WIDENED_NOTE not in notes:
+            notes.append(WIDENED_NOTE)
     names = [out.name for out in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

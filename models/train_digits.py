@@ -50,7 +50,9 @@ class Config:
     SR term's lambda (the term is a sum of per-layer relative residuals, each
     in ``[0, 1]``).  ``width``: the first conv's output channels (the others
     are 2x and 4x).  ``test_fraction``: the share of the 1797 digits held
-    out.  ``bench_batch``: the batch the latency is timed at.
+    out.  ``bench_batch``: the batch the latency is timed at.  ``budget``:
+    the MAC fraction the plain model is compressed to with
+    ``target_macs``, calibrated on the first ``calib_images`` training images.
     """
 
     seeds: int = 5
@@ -63,6 +65,8 @@ class Config:
     test_fraction: float = 0.3
     bench_batch: int = 64
     bench_runs: int = 200
+    budget: float = 0.5
+    calib_images: int = 256
     max_steps: int | None = None  # cut training short (tests)
 
 
@@ -83,6 +87,9 @@ class Trial:
     report: Report  # sconv_onnx.optimize's report on the projected model
     projected: Path
     rewritten: Path
+    #: plain model only: test accuracy (%) at the MAC budget, per alpha fit ("data", "weights")
+    acc_budget: dict[str, float] | None = None
+    budget_macs: float | None = None  # the Conv/Gemm MACs kept, as a fraction
 
     @property
     def change(self) -> float:
@@ -204,11 +211,30 @@ def run_trial(name: str, strength: float, seed: int, data, config: Config, out: 
     rewritten_path = stem.with_name(stem.name + "_sconv.onnx")
     onnx.save(rewritten, str(rewritten_path))
     x_test, y_test = data[2], data[3]
-    return Trial(name, seed, max_residual,
-                 acc_trained=onnx_accuracy(trained, x_test, y_test, config.threads),
-                 acc_rewritten=onnx_accuracy(rewritten, x_test, y_test, config.threads),
-                 test_size=len(y_test), report=report, projected=projected,
-                 rewritten=rewritten_path)
+    trial = Trial(name, seed, max_residual,
+                  acc_trained=onnx_accuracy(trained, x_test, y_test, config.threads),
+                  acc_rewritten=onnx_accuracy(rewritten, x_test, y_test, config.threads),
+                  test_size=len(y_test), report=report, projected=projected,
+                  rewritten=rewritten_path)
+    if strength == 0:
+        trial.acc_budget, trial.budget_macs = compress_to_budget(stem.with_suffix(".onnx"), data,
+                                                                 config)
+    return trial
+
+
+def compress_to_budget(trained: Path, data, config: Config) -> tuple[dict[str, float], float]:
+    """The trained (not projected) model compressed to ``config.budget`` of its MACs by
+    ``optimize(target_macs=..., calib_data=...)``, once per alpha fit: test accuracies
+    and the MAC fraction reached."""
+    calib = {INPUT: data[0][: config.calib_images].numpy()}
+    accuracies, reached = {}, 1.0
+    for fit in ("data", "weights"):
+        model, report = optimize(trained, calib_data=calib, target_macs=config.budget,
+                                 alpha_fit=fit)
+        accuracies[fit] = onnx_accuracy(model, data[2], data[3], config.threads)
+        totals = report.plan.totals()
+        reached = totals["macs_after"] / totals["macs_before"]
+    return accuracies, reached
 
 
 def time_rewrite(trial: Trial, config: Config):
@@ -263,6 +289,7 @@ def format_report(trials: dict[str, list[Trial]], timings: dict, config: Config)
         markdown(summary), "",
         (f"SR, projected and rewritten, against plain as trained: {mean_sd(gap, sign='+')} points "
          "(per seed, then mean ± sd)."), "",
+        budget_section(trials["plain"], config), "",
         ("Accuracies: mean ± sd over the seeds (per seed below). Conv cost and latency: seed 0; "
          "latency is onnxruntime's median, ratio the median of per-pair ratios "
          f"({config.threads} thread(s))."), "",
@@ -273,6 +300,22 @@ def format_report(trials: dict[str, list[Trial]], timings: dict, config: Config)
         markdown(layers), "",
         "Settings: " + ", ".join(f"{key}={value}" for key, value in asdict(config).items()
                                  if value is not None),
+    ])
+
+
+def budget_section(plain: list[Trial], config: Config) -> str:
+    """The plain model at a fixed MAC budget: data-aware against weight-space alphas."""
+    rows = [["alpha fit", "test acc at the budget (%)", "change from trained (points)"]]
+    for fit in ("data", "weights"):
+        rows.append([fit, mean_sd([t.acc_budget[fit] for t in plain]),
+                     mean_sd([t.acc_budget[fit] - t.acc_trained for t in plain], sign="+")])
+    gain = [t.acc_budget["data"] - t.acc_budget["weights"] for t in plain]
+    return "\n".join([
+        (f"Plain model (no SR) at a MAC budget: `optimize(trained, target_macs={config.budget}, "
+         f"calib_data=<first {config.calib_images} training images>, alpha_fit=...)`; "
+         f"Conv/Gemm MACs kept: {plain[0].budget_macs:.3f} (seed 0)."), "",
+        markdown(rows), "",
+        f"Data-aware against weight-space alphas: {mean_sd(gain, sign='+')} points.",
     ])
 
 

@@ -10,6 +10,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .bench import bench
+from .budget import ALPHA_FITS, calibrate
+from .calibration import accuracy_proxy, load_calibration, run_batches
 from .errors import InputError, VerificationError, first_line
 from .measure import Measurer
 from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
@@ -74,21 +76,31 @@ def _resolve_inputs(model, input_shapes, inputs, strict: bool) -> tuple[dict | N
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
 
-def _check_options(tol, select) -> None:
+def _check_options(tol, select, calib_data=None, target_macs=None, alpha_fit="data") -> None:
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise InputError(f"--tol must be a number >= 0, got {tol!r}")
     if select not in SELECT_MODES:
         raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
+    if target_macs is not None:
+        if not (isinstance(target_macs, (int, float)) and 0 < target_macs <= 1):
+            raise InputError(f"--target-macs must be a fraction in (0, 1], got {target_macs!r}")
+        if calib_data is None:
+            raise InputError("--target-macs needs --calib-data (a batch of real inputs, .npz)")
+    if alpha_fit not in ALPHA_FITS:
+        raise InputError(f"--alpha-fit must be one of {', '.join(ALPHA_FITS)}, got {alpha_fit!r}")
 
 
 def _analyse(
     model, tol, select, input_shapes, inputs, strict, threads=None, measurer=None, excluded=None,
+    calibration=None,
 ) -> _Analysis:
     """Resolve shapes, find every site of the loaded ``model`` and plan it.
 
     ``measurer`` (``select="measured"``) is created unless given, so that a
     caller planning twice reuses its timings; ``excluded`` maps node names
-    that must be kept to the reason.
+    that must be kept to the reason.  ``calibration``: ``(batches,
+    target_macs, alpha_fit, seed)`` for :func:`sconv_onnx.budget.calibrate`,
+    whose notes go to the shapes' notes.
     """
     feeds, shapes = _resolve_inputs(model, input_shapes, inputs, strict)
     static = infer_tensor_shapes(model)
@@ -105,6 +117,9 @@ def _analyse(
         for site in rewrite_pass.find(graph, static, concrete, opset):
             sites.append((rewrite_pass, site))
             plan.layers.append(rewrite_pass.plan(site, context))
+    if calibration is not None:
+        batches, target_macs, alpha_fit, seed = calibration
+        shapes.notes.extend(calibrate(model, sites, plan, graph, batches, target_macs, alpha_fit, seed))
     return _Analysis(model, graph, sites, plan, shapes, concrete, feeds)
 
 
@@ -116,15 +131,33 @@ def analyze(
     input_shapes=None,
     inputs=None,
     threads: int | None = None,
+    calib_data=None,
+    target_macs: float | None = None,
+    alpha_fit: str = "data",
+    seed: int = 0,
 ) -> Plan:
     """Plan without rewriting: per layer the best structure, residual, cost and decision.
 
     ``input_shapes``: ``{name: shape}`` or ``["name:d1,d2", ...]``, used for
     MAC counts (dynamic dims without a hint leave MACs unknown).
+    ``calib_data`` (an ``.npz`` path or a dict of arrays) adds each layer's
+    output error; with ``target_macs``, the budget's choices (see
+    :func:`optimize`).
     """
-    _check_options(tol, select)
-    return _analyse(load_model(model_or_path), tol, select, input_shapes, inputs, strict=False,
-                    threads=threads).plan
+    _check_options(tol, select, calib_data, target_macs, alpha_fit)
+    model = load_model(model_or_path)
+    calibration, inputs = _calibration(model, calib_data, inputs, target_macs, alpha_fit, seed)
+    return _analyse(model, tol, select, input_shapes, inputs, strict=False, threads=threads,
+                    calibration=calibration).plan
+
+
+def _calibration(model, calib_data, inputs, target_macs, alpha_fit, seed):
+    """``(calibration settings for _analyse or None, inputs)``: without ``inputs`` of
+    their own, the first calibration batch resolves the shapes and is verified on."""
+    if calib_data is None:
+        return None, inputs
+    batches = load_calibration(model, calib_data)
+    return (batches, target_macs, alpha_fit, seed), batches[0] if inputs is None else inputs
 
 
 def _all_names(graph: gs.Graph, names: set[str] | None = None) -> set[str]:
@@ -150,6 +183,9 @@ def optimize(
     max_error: float | None = None,
     seed: int = 0,
     threads: int | None = None,
+    calib_data=None,
+    target_macs: float | None = None,
+    alpha_fit: str = "data",
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite every structured Conv the plan selects; verify with onnxruntime.
 
@@ -174,6 +210,20 @@ def optimize(
         seed: seed of the random verification inputs.
         threads: intra-op threads for ``select="measured"`` timings
             (default: the cores available).
+        calib_data: ``{name: array}`` or a path to an ``.npz`` holding a
+            batch of real inputs (samples along the leading axis): each
+            layer's output error is measured on it, and the rewritten model
+            is compared with the original on all of it
+            (``report.calibration``: top-1 agreement, relative error).
+            Without ``inputs``, its first batch is also the verification input.
+        target_macs: with ``calib_data``, a compression budget for weights
+            that are not structured: layers are forced onto approximate
+            structures, least output error per MAC saved first, until the
+            Conv/Gemm/MatMul MACs are at most this fraction of the
+            original's (:mod:`sconv_onnx.budget`).  Errors are then
+            reported, bounded only by ``max_error``.
+        alpha_fit: ``"data"`` (default) solves a budget's alphas on the
+            layer's calibration inputs, ``"weights"`` in weight space.
 
     Returns:
         ``(model, report)``.  The input model is never modified.  Weights
@@ -186,7 +236,7 @@ def optimize(
         VerificationError: outputs differ beyond ``max_error``; its
             ``report`` attribute holds the report (exit code 1).
     """
-    _check_options(tol, select)
+    _check_options(tol, select, calib_data, target_macs, alpha_fit)
     measurer = Measurer(threads=threads) if select == "measured" else None
     excluded: dict[str, str] = {}
     source = load_model(model_or_path)  # once: the measured loop may plan several times
@@ -195,11 +245,12 @@ def optimize(
         # graphsurgeon's export writes into tensors it imported lazily (a Constant node's
         # value): work on a copy, so that the caller's model is never modified
         source = _copy(source)
+    calibration, inputs = _calibration(source, calib_data, inputs, target_macs, alpha_fit, seed)
     # onnxruntime reads a model given as a path from the file: no copy of its weights
     runnable = source if given else model_or_path
     while True:
         analysis = _analyse(source, tol, select, input_shapes, inputs, strict=verify,
-                            measurer=measurer, excluded=excluded)
+                            measurer=measurer, excluded=excluded, calibration=calibration)
         rewritten = _rewrite(analysis)
         if measurer is None or not analysis.plan.rewritten:
             break
@@ -208,7 +259,7 @@ def optimize(
         if ratio <= WHOLE_MODEL_MARGIN:
             break
         _exclude_least_gainful(analysis.plan, ratio, excluded)
-    if max_error is None and tol <= DEFAULT_TOL:
+    if max_error is None and tol <= DEFAULT_TOL and target_macs is None:
         max_error = default_max_error(source, analysis.plan)
     report = Report(
         plan=analysis.plan,
@@ -228,6 +279,9 @@ def optimize(
         gc.collect()
     if verify:
         report.errors = _verify(runnable, rewritten, feeds, report.notes)
+        if calibration is not None:
+            report.calibration = accuracy_proxy(run_batches(runnable, calibration[0]),
+                                                run_batches(rewritten, calibration[0]))
         if not report.verified:
             raise VerificationError(
                 f"verification failed: max relative error {report.max_rel_error:.3g} "

@@ -58,6 +58,24 @@ def _add_timing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
 
 
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calib-data", metavar="FILE.npz",
+        help="a batch of real inputs (arrays keyed by input name, samples on the first axis): "
+             "measures each layer's output error and the rewritten model's accuracy proxy",
+    )
+    parser.add_argument(
+        "--target-macs", type=float, metavar="R",
+        help="compression budget for unstructured weights: force layers onto approximate "
+             "structures, least output error per MAC saved first, until the Conv/Gemm/MatMul "
+             "MACs are at most R times the original's (needs --calib-data)",
+    )
+    parser.add_argument(
+        "--alpha-fit", choices=("data", "weights"), default="data",
+        help="solve a budget's alphas on the calibration inputs (data, default) or in weight space",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Rewrite structured convolutions as sum-pool + small conv.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -73,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "all: every layer within --tol; measured: time the best candidates "
                           "of each layer on its real shapes and keep only measured wins")
     _add_shape_options(opt)
+    _add_calibration_options(opt)
     opt.add_argument("--max-error", type=float, default=None,
                      help=f"fail (exit 1, write nothing) above this relative output error "
                           f"(default {DEFAULT_MAX_ERROR:g} at the default --tol, else no bound)")
@@ -92,6 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--tol", type=float, default=DEFAULT_TOL)
     ana.add_argument("--select", choices=SELECT_MODES, default="cost")
     _add_shape_options(ana, inputs=False)
+    _add_calibration_options(ana)
     ana.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     ver = commands.add_parser("verify", help="compare two models' outputs in onnxruntime")
@@ -134,7 +154,8 @@ def _optimize(args) -> int:
         model, report = optimize(
             args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
             inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
-            threads=args.threads,
+            threads=args.threads, calib_data=args.calib_data, target_macs=args.target_macs,
+            alpha_fit=args.alpha_fit,
         )
     except VerificationError as exc:
         if exc.report is not None and not args.quiet:
@@ -180,7 +201,9 @@ def _bench(args) -> int:
 
 
 def _analyze(args) -> int:
-    plan = analyze(args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape)
+    plan = analyze(args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
+                   calib_data=args.calib_data, target_macs=args.target_macs,
+                   alpha_fit=args.alpha_fit)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else layer_table(plan))
     return 0
 
@@ -215,7 +238,8 @@ def _demo(args) -> int:
     print(f"$ {PROG} optimize {source} {target}\n")
     return _optimize(argparse.Namespace(
         input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", input_shape=[],
-        inputs=None, no_verify=False, max_error=None, report=None, quiet=False,
+        inputs=None, calib_data=None, target_macs=None, alpha_fit="data", no_verify=False,
+        max_error=None, report=None, quiet=False,
         bench=True, threads=None, runs=50, warmup=10, external_data=None,
     ))
 

@@ -41,7 +41,8 @@ class LayerPlan:
     None when the shapes are not known; ``cost_*`` are the cost model's
     predictions in MAC-equivalents per output position; ``measured_ratio``
     is the chosen candidate's time over the original's, timed side by side
-    on the layer alone (``select="measured"`` only).
+    on the layer alone (``select="measured"`` only).  ``residual`` (of
+    ``chosen``) is the weight-space error ``||W - A alpha||_F / ||W||_F``.
     """
 
     node: str
@@ -60,6 +61,10 @@ class LayerPlan:
     cost_before: float | None = None
     cost_after: float | None = None
     measured_ratio: float | None = None
+    #: with calibration data: relative error of the layer's output (bias excluded) with
+    #: the alpha written, and with the weight-space alpha (see :mod:`sconv_onnx.datafit`)
+    output_error: float | None = None
+    output_error_weight_alpha: float | None = None
     decision: str = KEEP
     reason: str = ""
 
@@ -108,6 +113,10 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     #: ``select="measured"``: the whole rewritten model's time over the original's.
     model_ratio: float | None = None
+    #: the MAC budget (fraction of the original Conv/Gemm/MatMul MACs), when one was set
+    target_macs: float | None = None
+    #: how a budget's alphas were solved: ``"data"`` or ``"weights"`` (:mod:`sconv_onnx.budget`)
+    alpha_fit: str | None = None
 
     @property
     def rewritten(self) -> list[LayerPlan]:
@@ -137,6 +146,8 @@ class Plan:
             "tol": self.tol,
             "select": self.select,
             "model_ratio": self.model_ratio,
+            "target_macs": self.target_macs,
+            "alpha_fit": self.alpha_fit,
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": self.totals(),
         }

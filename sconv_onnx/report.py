@@ -35,7 +35,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def layer_table(plan: Plan) -> str:
-    """One row per analysed layer, and a totals row."""
+    """One row per analysed layer, and a totals row.  With calibration data, the
+    ``out err`` column is the layer's relative output error (weight-space alpha's
+    in brackets when the written alpha differs)."""
+    calibrated = any(layer.output_error is not None for layer in plan.layers)
     rows = []
     for layer in plan.layers:
         structure = layer.chosen or layer.best
@@ -45,6 +48,7 @@ def layer_table(plan: Plan) -> str:
             "x".join(map(str, layer.weight_shape)),
             structure.label() if structure else "-",
             f"{structure.residual:.1e}" if structure else "-",
+            *([_output_error(layer)] if calibrated else []),
             f"{human(layer.params_before)} -> {human(layer.params_after)}" if layer.rewritten
             else human(layer.params_before),
             f"{human(layer.macs_before)} -> {human(layer.macs_after)}" if layer.rewritten
@@ -55,14 +59,24 @@ def layer_table(plan: Plan) -> str:
         ])
     totals = plan.totals()
     rows.append([
-        "TOTAL", "", "", "", "",
+        "TOTAL", "", "", "", "", *([""] if calibrated else []),
         f"{human(totals['params_before'])} -> {human(totals['params_after'])}",
         f"{human(totals['macs_before'])} -> {human(totals['macs_after'])}",
         "", f"{totals['rewritten']}/{totals['layers']}", "",
     ])
-    header = ["node", "op", "weight", "structure", "residual", "params", "MACs", "lowering",
-              "decision", "reason"]
+    header = ["node", "op", "weight", "structure", "residual", *(["out err"] if calibrated else []),
+              "params", "MACs", "lowering", "decision", "reason"]
     return table(header, rows)
+
+
+def _output_error(layer) -> str:
+    if layer.output_error is None:
+        return "-"
+    text = f"{layer.output_error:.1e}"
+    weight = layer.output_error_weight_alpha
+    if weight is not None and abs(weight - layer.output_error) > 1e-3 * max(weight, 1e-30):
+        text += f" ({weight:.1e})"
+    return text
 
 
 def summary_table(before: ModelStats, after: ModelStats) -> str:
@@ -74,6 +88,14 @@ def summary_table(before: ModelStats, after: ModelStats) -> str:
     rows.append(["MACs", human(before.macs), human(after.macs), ratio(after.macs, before.macs)])
     rows.append(["size (bytes)", human(before.size), human(after.size), ratio(after.size, before.size)])
     return table(["", "before", "after", "ratio"], rows)
+
+
+def calibration_line(proxy: dict) -> str:
+    """The accuracy proxy in one line."""
+    agreement = proxy.get("top1_agreement")
+    top1 = f"top-1 agreement {100 * agreement:.1f}% on {proxy['output']!r}, " if agreement is not None else ""
+    return (f"on the calibration data ({proxy['samples']} samples): {top1}"
+            f"relative output error {proxy['rel_error']:.3g}")
 
 
 @dataclass
@@ -90,6 +112,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     errors: list[OutputError] | None = None
     max_error: float | None = None
+    #: with calibration data: :func:`sconv_onnx.calibration.accuracy_proxy` on all of it
+    calibration: dict | None = None
 
     @property
     def max_rel_error(self) -> float | None:
@@ -111,6 +135,7 @@ class Report:
             "after": self.after.to_dict(),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "notes": list(self.notes),
+            "calibration": self.calibration,
             "verification": None if self.errors is None else {
                 "outputs": [e.to_dict() for e in self.errors],
                 "max_rel_error": self.max_rel_error,
@@ -128,6 +153,8 @@ class Report:
             lines.append(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
         bound = f" (bound {self.max_error:g})" if self.max_error is not None else " (no bound set)"
         lines.append(f"  {'PASS' if self.verified else 'FAIL'}: max rel error {self.max_rel_error:.3g}{bound}")
+        if self.calibration is not None:
+            lines.append(calibration_line(self.calibration))
         return lines
 
     def format(self) -> str:

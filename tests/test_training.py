@@ -225,6 +225,10 @@ def test_digits_demo_end_to_end(tmp_path):
     assert sr.acc_rewritten > 80.0  # learned, and survived projection and rewrite
     assert sr.max_residual < plain.max_residual
     assert plain.acc_rewritten < plain.acc_trained
+    # the plain model at a MAC budget, calibrated on training images, for both alpha fits
+    assert set(plain.acc_budget) == {"data", "weights"} and sr.acc_budget is None
+    assert plain.budget_macs <= config.budget
+    assert "Data-aware against weight-space alphas" in text
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 5e-2)])

@@ -59,6 +59,8 @@ class ConvSite:
     skip_reason: str | None = None
     #: the BatchNormalization after the conv, folded into ``weight`` (see :mod:`.batchnorm`)
     batchnorm: BatchNormFold | None = None
+    #: alpha to write instead of the weight-space least squares (data-aware, :mod:`..budget`)
+    alpha: np.ndarray | None = None
 
 
 def int_attr_tuple(node: gs.Node, key: str, default: list[int]) -> tuple[int, ...]:
@@ -310,20 +312,10 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
         # switch away from the cost model's choice only on a clear measured advantage
         pick = fastest if ratios[fastest] < MEASURED_SWITCH * ratios[0] else 0
         measured, choice = ratios[pick], top[pick]
-    predicted, _, structure, lowering, ops, shared = choice
-    ratio = predicted / layer.cost_before
-    layer.chosen, layer.lowering, layer.cost_after = structure, lowering, predicted
+    _, _, structure, lowering, ops, shared = choice
+    fill_choice(layer, site, structure, lowering, ops, shared)
+    ratio = layer.cost_after / layer.cost_before
     layer.measured_ratio = measured
-    layer.macs_after = cost.total_macs(geom, ops)
-    layer.params_after = (
-        geom.out_channels * structure.dof
-        + site.bias_size
-        + pool_constant_count(
-            lowering.channel if "channel" not in shared else None,
-            lowering.spatial if "spatial" not in shared else None,
-            geom.group, geom.in_channels_per_group, structure.sizes, geom.kernel,
-        )
-    )
     sharing = f"; shares {'+'.join(sorted(shared))} pool" if shared else ""
     if context.select == "all":
         layer.decision = REWRITE
@@ -353,6 +345,36 @@ def plan(site: ConvSite, context: PlanContext) -> LayerPlan:
     return layer
 
 
+def fill_choice(layer: LayerPlan, site: ConvSite, structure: Structure, lowering: Lowering,
+                ops: list, shared: frozenset[str] = frozenset()) -> None:
+    """Record ``structure`` lowered by ``lowering`` (its ``ops``) as ``layer``'s choice:
+    predicted cost, MACs and params (the pools' constants included, unless ``shared``)."""
+    geom = site.geometry
+    layer.chosen, layer.lowering = structure, lowering
+    layer.cost_after = cost.total_cost(geom, ops)
+    layer.macs_after = cost.total_macs(geom, ops)
+    layer.params_after = (
+        geom.out_channels * structure.dof
+        + site.bias_size
+        + pool_constant_count(
+            lowering.channel if "channel" not in shared else None,
+            lowering.spatial if "spatial" not in shared else None,
+            geom.group, geom.in_channels_per_group, structure.sizes, geom.kernel,
+        )
+    )
+
+
+def cheapest_lowering(site: ConvSite, structure: Structure) -> tuple[Lowering, list]:
+    """The lowering of least predicted cost for ``structure`` (no pool shared), and its ops."""
+    scored = []
+    for lowering in lowering_options(site, structure):
+        ops = cost.lowered_ops(site.geometry, structure.sizes, lowering.channel, lowering.spatial,
+                               frozenset())
+        scored.append((cost.total_cost(site.geometry, ops), lowering, ops))
+    _, lowering, ops = min(scored, key=lambda item: item[0])
+    return lowering, ops
+
+
 def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str], pools: dict) -> None:
     """Replace ``site``'s Conv in place by sum-pool nodes and a Conv with alpha.
 
@@ -363,7 +385,7 @@ def rewrite(site: ConvSite, layer: LayerPlan, taken_names: set[str], pools: dict
     dtype = site.weight.dtype
     rank = len(geom.kernel)
     window = tuple(k - n + 1 for k, n in zip(geom.kernel, structure.kernel))
-    alpha = fit_alpha(site.weight, structure.sizes)
+    alpha = fit_alpha(site.weight, structure.sizes) if site.alpha is None else site.alpha
     if lowering.spatial == "avgpool":
         alpha = alpha * math.prod(window)
     emitter = NodeEmitter(site.graph, node, site.name, taken_names)

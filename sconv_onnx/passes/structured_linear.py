@@ -44,6 +44,8 @@ class LinearSite:
     opset: int
     feature_axis: int = -1
     skip_reason: str | None = None
+    #: alpha (``OUT x c``) to write instead of the weight-space least squares (:mod:`..budget`)
+    alpha: np.ndarray | None = None
 
     @property
     def stored_weight(self) -> np.ndarray:
@@ -103,10 +105,7 @@ def plan(site: LinearSite, context: PlanContext) -> LayerPlan:
         layer.reason = site.skip_reason
         return layer
     geom = site.geometry
-    bias = site.node.inputs[2] if len(site.node.inputs) > 2 else None
-    bias_value = constant_value(bias) if bias is not None else None
-    bias_size = int(bias_value.size) if bias_value is not None else 0
-    layer.params_before = int(site.weight.size) + bias_size
+    layer.params_before = int(site.weight.size) + bias_size(site)
     before = cost.linear_ops(geom, None)
     layer.cost_before = cost.total_cost(geom, before)
     layer.macs_before = cost.total_macs(geom, before)
@@ -116,22 +115,37 @@ def plan(site: LinearSite, context: PlanContext) -> LayerPlan:
     if not nontrivial:
         layer.reason = f"no structure within tol {tol:g}"
         return layer
-    layer.best = layer.chosen = nontrivial[0]
-    ops = cost.linear_ops(geom, layer.chosen.channels)
-    layer.lowering = Lowering("cumsum", None)
-    layer.cost_after = cost.total_cost(geom, ops)
-    layer.macs_after = cost.total_macs(geom, ops)
-    layer.params_after = geom.out_features * layer.chosen.channels + bias_size + WINDOW_SUM_CONSTANTS
+    layer.best = nontrivial[0]
+    fill_choice(layer, site, layer.best)
     unmeasured = " (not measured: no single-layer timing for Gemm/MatMul)" if (
         context.select == "measured") else ""
     decide_by_cost(layer, context.select, cost.GAIN_MARGIN, unmeasured)
     return layer
 
 
+def bias_size(site: LinearSite) -> int:
+    """Elements of a constant ``C`` (Gemm), else 0."""
+    bias = site.node.inputs[2] if len(site.node.inputs) > 2 else None
+    value = constant_value(bias) if bias is not None else None
+    return int(value.size) if value is not None else 0
+
+
+def fill_choice(layer: LayerPlan, site: LinearSite, structure) -> None:
+    """Record ``structure`` as ``layer``'s choice: predicted cost, MACs and params."""
+    geom = site.geometry
+    ops = cost.linear_ops(geom, structure.channels)
+    layer.chosen, layer.lowering = structure, Lowering("cumsum", None)
+    layer.cost_after = cost.total_cost(geom, ops)
+    layer.macs_after = cost.total_macs(geom, ops)
+    layer.params_after = (geom.out_features * structure.channels + bias_size(site)
+                          + WINDOW_SUM_CONSTANTS)
+
+
 def rewrite(site: LinearSite, layer: LayerPlan, taken_names: set[str], pools: dict) -> None:
     """Sliding sums over the input features, then the same node with the small weight."""
     node, under = site.node, layer.chosen.channels
-    alpha = fit_alpha(site.weight, (under,)).astype(site.weight.dtype)  # OUT x c
+    alpha = fit_alpha(site.weight, (under,)) if site.alpha is None else site.alpha
+    alpha = alpha.astype(site.weight.dtype)  # OUT x c
     emitter = NodeEmitter(site.graph, node, site.name, taken_names)
     key = ("features", id(site.graph), node.inputs[0].name, site.feature_axis, site.geometry.in_features, under)
     if key not in pools:

@@ -1,0 +1,117 @@
+"""Calibration data: a batch of real inputs, run through a model in chunks it accepts.
+
+The arrays (an ``.npz`` keyed by input name, like ``--inputs``) hold ``N``
+samples along their leading axis.  A model whose inputs declare a fixed
+leading (batch) dim ``b`` runs them ``b`` at a time (``N`` must be a
+multiple of ``b``); one with a dynamic batch dim runs them up to
+:data:`CHUNK` at a time, so that the activations of one chunk only are held.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from .errors import InputError, first_line
+from .shapes import declared_dims, graph_inputs, load_inputs_file
+from .verify import check_feeds, run, session
+
+#: Samples per onnxruntime run when the batch dim is dynamic.
+CHUNK = 8
+
+
+def load_calibration(model: onnx.ModelProto, source) -> list[dict[str, np.ndarray]]:
+    """The calibration arrays (a path to an ``.npz`` or a dict) split into runnable chunks."""
+    arrays = load_inputs_file(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    arrays = check_feeds(model, arrays)
+    for inp in graph_inputs(model):
+        dims, shape = declared_dims(inp), arrays[inp.name].shape
+        clash = len(dims) != len(shape) or any(
+            isinstance(want, int) and want != have for want, have in zip(dims[1:], shape[1:]))
+        if dims and clash:
+            wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in dims)
+            raise InputError(f"--calib-data {inp.name!r} has shape {'x'.join(map(str, shape))}; "
+                             f"the model wants N x {wanted.partition('x')[2]} (N samples)")
+    return split_batches(model, arrays)
+
+
+def split_batches(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``arrays`` cut along axis 0 into chunks of the model's batch size (see the module doc)."""
+    counts = {len(value) if value.ndim else 0 for value in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError("--calib-data arrays must all have the same leading (sample) dim")
+    samples = counts.pop()
+    fixed = {dims[0] for dims in (declared_dims(inp) for inp in graph_inputs(model))
+             if dims and isinstance(dims[0], int)}
+    if len(fixed) > 1:
+        raise InputError("--calib-data: the model's inputs declare different batch sizes")
+    size = fixed.pop() if fixed else CHUNK
+    if fixed and samples % size:
+        raise InputError(f"--calib-data has {samples} samples; the model takes batches of {size}")
+    return [{name: value[start:start + size] for name, value in arrays.items()}
+            for start in range(0, samples, size)]
+
+
+def sample_tensors(model: onnx.ModelProto, batches: list[dict], requests: list) -> list[np.ndarray]:
+    """For each ``(tensor name, sampler)`` of ``requests``, what the sampler keeps of
+    that tensor's value on every batch, concatenated on axis 1 (the patch axis).
+
+    ``sampler(value, chunk_count)`` is called once per batch.  ``model`` runs
+    with the tensors as extra outputs, added for the session and removed
+    again; only one batch's activations are held at a time.
+    """
+    inputs = {inp.name for inp in graph_inputs(model)}
+    names = list(dict.fromkeys(name for name, _ in requests))
+    extra = [name for name in names if name not in inputs]
+    existing = {out.name for out in model.graph.output}
+    added = [name for name in extra if name not in existing]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        sess = session(model)
+    finally:
+        for _ in added:
+            model.graph.output.pop()
+    kept: list[list] = [[] for _ in requests]
+    for feeds in batches:
+        try:
+            values = dict(zip(extra, sess.run(extra, feeds))) if extra else {}
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            raise InputError(
+                f"onnxruntime cannot run the model on --calib-data: {first_line(exc)}") from None
+        values.update({name: feeds[name] for name in names if name in inputs})
+        for parts, (name, sampler) in zip(kept, requests):
+            parts.append(sampler(values[name], len(batches)))
+        del values
+    return [np.concatenate(parts, axis=1) for parts in kept]
+
+
+def run_batches(model, batches: list[dict]) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` (a ``ModelProto`` or a path) on every batch, concatenated."""
+    runs = [run(model, feeds) for feeds in batches]
+    return {name: np.concatenate([outputs[name] for outputs in runs]) for name in runs[0]}
+
+
+def accuracy_proxy(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
+    """How far ``candidate``'s outputs are from ``reference``'s on the calibration data.
+
+    ``rel_error``: ``||y - y0||_F / ||y0||_F`` over all outputs together.
+    ``top1_agreement``: for the first output, when it looks like class scores
+    (``(N, K)`` with ``K > 1``), the fraction of samples whose arg-max agrees;
+    else None.
+    """
+    diff = sum(float(np.sum((np.asarray(candidate[k], np.float64) - np.asarray(v, np.float64)) ** 2))
+               for k, v in reference.items())
+    size = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in reference.values())
+    first = next(iter(reference))
+    scores = np.asarray(reference[first])
+    agreement = None
+    if scores.ndim == 2 and scores.shape[1] > 1:
+        agreement = float(np.mean(scores.argmax(1) == np.asarray(candidate[first]).argmax(1)))
+    return {
+        "samples": len(scores) if scores.ndim else 1,
+        "output": first,
+        "rel_error": float(np.sqrt(diff / size)) if size > 0 else float(diff > 0),
+        "top1_agreement": agreement,
+    }

@@ -16,7 +16,7 @@ import onnx
 
 from .errors import InputError, first_line
 from .shapes import declared_dims, graph_inputs, load_inputs_file
-from .verify import check_feeds, run, session
+from .verify import check_feeds, run_many, session
 
 #: Samples per onnxruntime run when the batch dim is dynamic.
 CHUNK = 8
@@ -88,8 +88,9 @@ def sample_tensors(model: onnx.ModelProto, batches: list[dict], requests: list) 
 
 
 def run_batches(model, batches: list[dict]) -> dict[str, np.ndarray]:
-    """All outputs of ``model`` (a ``ModelProto`` or a path) on every batch, concatenated."""
-    runs = [run(model, feeds) for feeds in batches]
+    """All outputs of ``model`` (a ``ModelProto`` or a path) on every batch (one session),
+    concatenated."""
+    runs = run_many(model, batches)
     return {name: np.concatenate([outputs[name] for outputs in runs]) for name in runs[0]}
 
 

@@ -114,24 +114,33 @@ WIDENED_NOTE = ("bfloat16 model: onnxruntime's CPU provider cannot run it, so bo
 def run(
     model: onnx.ModelProto | str | os.PathLike, feeds: dict, notes: list[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """All outputs of ``model`` (a ``ModelProto`` or a path) on ``feeds``, keyed by output name.
+    """All outputs of ``model`` (a ``ModelProto`` or a path) on ``feeds``, keyed by output name
+    (:func:`run_many` with one batch)."""
+    return run_many(model, [feeds], notes)[0]
+
+
+def run_many(
+    model: onnx.ModelProto | str | os.PathLike, batches: list[dict], notes: list[str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """The outputs of ``model`` on each of ``batches``, from one session.
 
     A model that onnxruntime refuses for its bfloat16 types (its CPU
     provider has no bfloat16 Conv, Gemm or MatMul) is run as its float32
     :func:`~sconv_onnx.widen.widen_model` copy, on widened feeds;
     :data:`WIDENED_NOTE` is then added to ``notes`` (once).
     """
+    widen = False
     try:
         sess = session(model)
     except Exception as exc:  # onnxruntime raises several unrelated types
         if "bfloat16" not in str(exc):
             raise
-        sess = session(widen_model(modelio.load_model(model)))
-        feeds = widen_feeds(feeds)
+        sess, widen = session(widen_model(modelio.load_model(model))), True
         if notes is not None and WIDENED_NOTE not in notes:
             notes.append(WIDENED_NOTE)
     names = [out.name for out in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return [dict(zip(names, sess.run(names, widen_feeds(feeds) if widen else feeds)))
+            for feeds in batches]
 
 
 def compare_outputs(reference: dict, candidate: dict) -> list[OutputError]:

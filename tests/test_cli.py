@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import one_line_error, run_cli
 from conv_models import ConvSpec, make_model
 from onnx import TensorProto, helper
 from sconv_onnx.models import demo_cnn
-
-from sconv_onnx.cli import main
 
 
 @pytest.fixture
@@ -23,23 +22,9 @@ def demo_path(tmp_path):
     return path
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("sconv-onnx: error: ")
-    return lines[0]
-
-
 def test_optimize_writes_a_smaller_verified_model_and_a_json_report(tmp_path, demo_path, capsys):
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
-    code, stdout, _ = _run(capsys, "optimize", demo_path, out, "--report", report_path)
+    code, stdout, _ = run_cli(capsys, "optimize", demo_path, out, "--report", report_path)
     assert code == 0
     assert "PASS" in stdout and "rewrite" in stdout
     new = onnx.load(str(out))
@@ -56,12 +41,12 @@ def test_optimize_writes_a_smaller_verified_model_and_a_json_report(tmp_path, de
 
 
 def test_analyze_prints_table_and_json(demo_path, capsys):
-    code, stdout, _ = _run(capsys, "analyze", demo_path)
+    code, stdout, _ = run_cli(capsys, "analyze", demo_path)
     assert code == 0
     header = stdout.splitlines()[0].split()
     assert header[:5] == ["node", "op", "weight", "structure", "residual"]
     assert "TOTAL" in stdout
-    code, stdout, _ = _run(capsys, "analyze", demo_path, "--json", "--tol", "1e-3")
+    code, stdout, _ = run_cli(capsys, "analyze", demo_path, "--json", "--tol", "1e-3")
     plan = json.loads(stdout)
     assert plan["tol"] == 1e-3
     assert plan["layers"][1]["best"]["label"] == "c=16 n=2x2"
@@ -70,34 +55,34 @@ def test_analyze_prints_table_and_json(demo_path, capsys):
 
 def test_verify_command_passes_and_fails(tmp_path, demo_path, capsys):
     out = tmp_path / "out.onnx"
-    assert _run(capsys, "optimize", demo_path, out, "--quiet")[0] == 0
-    code, stdout, _ = _run(capsys, "verify", demo_path, out)
+    assert run_cli(capsys, "optimize", demo_path, out, "--quiet")[0] == 0
+    code, stdout, _ = run_cli(capsys, "verify", demo_path, out)
     assert code == 0 and "PASS" in stdout
     other = tmp_path / "other.onnx"
     onnx.save(demo_cnn.build(seed=1), str(other))
-    code, _, err = _run(capsys, "verify", demo_path, other)
+    code, _, err = run_cli(capsys, "verify", demo_path, other)
     assert code == 1
-    assert "outputs differ" in _one_line_error(err)
+    assert "outputs differ" in one_line_error(err)
 
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, demo_path, capsys):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    code, _, err = _run(capsys, "optimize", demo_path, out, "--tol", "0.9", "--select", "all",
+    code, _, err = run_cli(capsys, "optimize", demo_path, out, "--tol", "0.9", "--select", "all",
                         "--max-error", "1e-6", "--report", report)
     assert code == 1
-    assert "verification failed" in _one_line_error(err)
+    assert "verification failed" in one_line_error(err)
     assert sorted(os.listdir(tmp_path)) == ["demo.onnx"]
 
 
 def test_loose_tolerance_reports_error_without_bound(tmp_path, demo_path, capsys):
     out = tmp_path / "out.onnx"
-    code, stdout, _ = _run(capsys, "optimize", demo_path, out, "--tol", "0.9", "--select", "all")
+    code, stdout, _ = run_cli(capsys, "optimize", demo_path, out, "--tol", "0.9", "--select", "all")
     assert code == 0 and out.exists()
     assert "no bound set" in stdout
 
 
 def test_no_verify_skips_onnxruntime(tmp_path, demo_path, capsys):
-    code, stdout, _ = _run(capsys, "optimize", demo_path, tmp_path / "o.onnx", "--no-verify")
+    code, stdout, _ = run_cli(capsys, "optimize", demo_path, tmp_path / "o.onnx", "--no-verify")
     assert code == 0 and "verification: skipped" in stdout
 
 
@@ -114,9 +99,9 @@ def test_no_verify_skips_onnxruntime(tmp_path, demo_path, capsys):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_input, message):
     source = make_input(tmp_path)
     before = sorted(os.listdir(tmp_path))
-    code, _, err = _run(capsys, "optimize", source, tmp_path / "out.onnx")
+    code, _, err = run_cli(capsys, "optimize", source, tmp_path / "out.onnx")
     assert code == 2
-    assert message in _one_line_error(err)
+    assert message in one_line_error(err)
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -131,12 +116,12 @@ def _truncated(folder):
 
 
 def test_output_in_missing_folder_or_equal_to_input_is_refused(tmp_path, demo_path, capsys):
-    code, _, err = _run(capsys, "optimize", demo_path, tmp_path / "nope" / "out.onnx")
-    assert code == 2 and "does not exist" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "optimize", demo_path, tmp_path / "nope" / "out.onnx")
+    assert code == 2 and "does not exist" in one_line_error(err)
     original = demo_path.read_bytes()
     for same in (demo_path, tmp_path / "." / "demo.onnx"):
-        code, _, err = _run(capsys, "optimize", demo_path, same)
-        assert code == 2 and "equals the input" in _one_line_error(err)
+        code, _, err = run_cli(capsys, "optimize", demo_path, same)
+        assert code == 2 and "equals the input" in one_line_error(err)
     assert demo_path.read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == ["demo.onnx"]
 
@@ -149,13 +134,13 @@ def test_dynamic_dims_need_a_hint(tmp_path, capsys):
     dims[0].dim_param, dims[2].dim_param = "N", "H"
     path = tmp_path / "dyn.onnx"
     onnx.save(model, str(path))
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "o.onnx")
-    assert code == 2 and "--input-shape x:" in _one_line_error(err)
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", "x:2,4,x,8")
-    assert code == 2 and "integers" in _one_line_error(err)
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", "y:2,4,8,8")
-    assert code == 2 and "no input named 'y'" in _one_line_error(err)
-    code, stdout, _ = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--select", "all",
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "o.onnx")
+    assert code == 2 and "--input-shape x:" in one_line_error(err)
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", "x:2,4,x,8")
+    assert code == 2 and "integers" in one_line_error(err)
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", "y:2,4,8,8")
+    assert code == 2 and "no input named 'y'" in one_line_error(err)
+    code, stdout, _ = run_cli(capsys, "optimize", path, tmp_path / "o.onnx", "--select", "all",
                            "--input-shape", "x:2,4,11,8")
     assert code == 0 and "x:2,4,11,8" in stdout
 
@@ -175,17 +160,17 @@ def test_inputs_file_with_an_int64_scalar(tmp_path, capsys):
     onnx.save(model, str(path))
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.savez(npz, x=x, scale=np.array(3, dtype=np.int64))
-    code, stdout, _ = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--select", "all",
+    code, stdout, _ = run_cli(capsys, "optimize", path, tmp_path / "o.onnx", "--select", "all",
                            "--inputs", npz)
     assert code == 0 and "PASS" in stdout
     np.savez(npz, x=x)
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "o2.onnx", "--inputs", npz)
-    assert code == 2 and "no array named 'scale'" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "o2.onnx", "--inputs", npz)
+    assert code == 2 and "no array named 'scale'" in one_line_error(err)
     assert not (tmp_path / "o2.onnx").exists()
 
 
 def test_demo_runs_and_shows_the_tables(tmp_path, capsys):
-    code, stdout, _ = _run(capsys, "demo", "--out", tmp_path)
+    code, stdout, _ = run_cli(capsys, "demo", "--out", tmp_path)
     assert code == 0
     assert "PASS" in stdout and "MACs" in stdout
     assert (tmp_path / "demo_cnn.sconv.onnx").exists()
@@ -226,9 +211,9 @@ def _conv_model_with(extra_nodes, opsets=(("", 17),)):
 def test_invalid_or_unrunnable_models_are_bad_input(tmp_path, capsys, model, message):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "out.onnx", "--select", "all")
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "out.onnx", "--select", "all")
     assert code == 2
-    assert message in _one_line_error(err)
+    assert message in one_line_error(err)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
@@ -242,5 +227,5 @@ def test_wrong_input_shape_hints_are_bad_input(tmp_path, demo_path, capsys, hint
                     pads=(1, 1, 1, 1), sizes=(2, 2, 2))
     path = tmp_path / "m.onnx"
     onnx.save(make_model(spec), str(path))
-    code, _, err = _run(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", hint)
-    assert code == 2 and message in _one_line_error(err)
+    code, _, err = run_cli(capsys, "optimize", path, tmp_path / "o.onnx", "--input-shape", hint)
+    assert code == 2 and message in one_line_error(err)

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import one_line_error, run_cli
 from conv_models import ConvSpec, make_model
 from onnx import TensorProto, helper, numpy_helper
 from sconv_onnx.models.common import GraphBuilder, float_input, structured_weight
 
 from sconv_onnx import modelio, verify
 from sconv_onnx.api import optimize
-from sconv_onnx.cli import main
 from sconv_onnx.errors import InputError
 from sconv_onnx.modelio import load_model, save_model, tensor_nbytes, weightless
 from sconv_onnx.verify import compare_outputs, random_feeds, run
@@ -33,19 +33,6 @@ from sconv_onnx.verify import compare_outputs, random_feeds, run
 #: of the kept weights); 7.25x before the checker, shape inference, the
 #: statistics and onnxruntime got the model without serializing it.
 MEMORY_FACTOR = 4.0
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sconv-onnx: error: ")
-    return lines[0]
 
 
 def _conv_chain(channels: int, kernel: int, kinds: str, spatial: int = 8, seed: int = 0):
@@ -155,9 +142,9 @@ def test_missing_or_truncated_external_data_is_bad_input(tmp_path, capsys, damag
     before = sorted(os.listdir(tmp_path))
     for argv in (("optimize", source, tmp_path / "out.onnx", "--external-data"),
                  ("verify", source, source), ("analyze", source)):
-        code, _, err = _run(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         assert code == 2, argv
-        line = _one_line_error(err)
+        line = one_line_error(err)
         assert f"external data file {data} {message}" in line
     assert sorted(os.listdir(tmp_path)) == before
 
@@ -171,12 +158,12 @@ def test_output_never_overwrites_the_input_or_its_data_file(tmp_path, capsys):
     original = data.read_bytes()
     for out, extra in (("other.onnx", ["--external-data"]), ("other.onnx", []),
                        ("other.onnx.data", [])):
-        code, _, err = _run(capsys, "optimize", tmp_path / "m.onnx", tmp_path / out, *extra)
+        code, _, err = run_cli(capsys, "optimize", tmp_path / "m.onnx", tmp_path / out, *extra)
         assert code == 2
-        assert "is a file of the input model" in _one_line_error(err)
+        assert "is a file of the input model" in one_line_error(err)
     assert data.read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "other.onnx.data"]
-    code, _, _ = _run(capsys, "optimize", tmp_path / "m.onnx", tmp_path / "other.onnx",
+    code, _, _ = run_cli(capsys, "optimize", tmp_path / "m.onnx", tmp_path / "other.onnx",
                       "--no-external-data", "--quiet")
     assert code == 0 and data.read_bytes() == original
 
@@ -201,19 +188,19 @@ def test_models_above_the_protobuf_limit_are_written_and_run_with_external_data(
     onnx.save(_conv_chain(16, 3, "SR"), str(source))  # 19 KB: "above the limit"
     sessions = _counting(monkeypatch, verify, "external_copy")
 
-    code, _, err = _run(capsys, "optimize", source, out, "--no-external-data")
+    code, _, err = run_cli(capsys, "optimize", source, out, "--no-external-data")
     assert code == 2
-    assert "above protobuf's 2 GiB limit" in _one_line_error(err)
+    assert "above protobuf's 2 GiB limit" in one_line_error(err)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
-    code, stdout, _ = _run(capsys, "optimize", source, out, "--select", "all")
+    code, stdout, _ = run_cli(capsys, "optimize", source, out, "--select", "all")
     assert code == 0
     assert f"wrote {out} (weights in out.onnx.data): 1/2 layers rewritten" in stdout
     assert sessions, "the rewritten model reached onnxruntime as bytes"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx", "out.onnx.data"]
     assert _external_locations(out) == {"out.onnx.data"}
-    assert _run(capsys, "verify", source, out)[0] == 0
-    assert _run(capsys, "bench", source, out, "--runs", "2", "--warmup", "0")[0] == 0
+    assert run_cli(capsys, "verify", source, out)[0] == 0
+    assert run_cli(capsys, "bench", source, out, "--runs", "2", "--warmup", "0")[0] == 0
 
 
 def test_a_model_proto_above_the_limit_is_checked_through_a_file(monkeypatch):

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from sconv_onnx.models.build import build
 
-from sconv_onnx import cost
-from sconv_onnx.api import _analyse
+from sconv_onnx import cost, pipeline
 from sconv_onnx.measure import Measurer
-from sconv_onnx.passes import structured_conv
+from sconv_onnx.options import Options
+from sconv_onnx.passes.box.conv import ConvSite
 from sconv_onnx.report import table
 
 MODELS = ("struct_resnet18_b", "struct_resnet50_a", "struct_mobilenetv2", "struct_audio1d")
@@ -41,38 +41,40 @@ GRID = {
 
 
 def collect(models, measurer: Measurer) -> list[dict]:
-    """Measured samples: (site geometry, ops before, ops after, measured ratio)."""
+    """Measured samples: the layer (its cost before), a candidate and its measured ratio.
+
+    Per distinct Conv layer, the candidates of its three most compressive
+    structures (every lowering), no pool shared, timed by the family's own
+    single-layer models (:mod:`sconv_onnx.passes.box.timing`).
+    """
     samples, seen = [], set()
+    options = Options(select="all")
     for name in models:
-        analysis = _analyse(build(name), 1e-4, "all", None, None, strict=False)
-        for (_, site), layer in zip(analysis.sites, analysis.plan.layers):
-            if layer.best is None or site.geometry is None or site.geometry.in_spatial is None:
+        analysis = pipeline.analyse(build(name), options, strict=False)
+        for entry in analysis.entries:
+            site = entry.site
+            if not isinstance(site, ConvSite) or not entry.exact or not site.geometry.in_spatial:
                 continue
-            structures = [s for s in structured_conv.search(site.weight, 1e-4)
-                          if s.sizes != tuple(site.weight.shape[1:])][:3]
-            candidates = [(s, lowering, frozenset()) for s in structures
-                          for lowering in structured_conv.lowering_options(site, s)]
-            key = (site.geometry, tuple((c[0].sizes, c[1]) for c in candidates))
+            structures = list(dict.fromkeys(c.payload.structure for c in entry.exact))[:3]
+            candidates = [c for c in entry.exact if c.payload.structure in structures]
+            key = (site.geometry, tuple((c.payload.sizes, c.payload.lowering) for c in candidates))
             if key in seen:
                 continue
             seen.add(key)
-            ratios = measurer.ratios(site, candidates)
-            for (structure, lowering, _), ratio in zip(candidates, ratios):
+            ratios = entry.family.measure(site, [(c, ()) for c in candidates], measurer)
+            for candidate, ratio in zip(candidates, ratios):
                 samples.append({
-                    "model": name, "layer": layer.node, "geom": site.geometry,
-                    "label": f"{structure.label()} {lowering.label()}",
-                    "before": cost.original_ops(site.geometry),
-                    "after": cost.lowered_ops(site.geometry, structure.sizes, lowering.channel,
-                                              lowering.spatial),
-                    "measured": ratio,
+                    "model": name, "layer": site.name,
+                    "label": f"{candidate.label} {candidate.lowering}",
+                    "before": site.layer, "after": candidate, "measured": ratio,
                 })
-            print(f"{name} {layer.node}: " + ", ".join(f"{r:.2f}" for r in ratios), flush=True)
+            print(f"{name} {site.name}: " + ", ".join(f"{r:.2f}" for r in ratios), flush=True)
     return samples
 
 
 def predicted(sample: dict) -> float:
-    geom = sample["geom"]
-    return cost.total_cost(geom, sample["after"]) / cost.total_cost(geom, sample["before"])
+    """The cost model's ratio with its current constants (the fit changes them)."""
+    return sample["after"].cost() / sample["before"].cost_before
 
 
 def score(samples: list[dict]) -> tuple[float, float]:

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sconv_onnx.structure import expand
+from sconv_onnx.structure import expand, window, windows
 
 #: IR version written by the builders: onnxruntime 1.31 refuses IR 14, the
-#: default of onnx 1.23's make_model (DESIGN.md section 2).
+#: default of onnx 1.23's make_model (docs/DESIGN.md section 2).
 IR_VERSION = 8
 
 
@@ -31,9 +31,9 @@ def structured_weight(
     """
     fan_in = int(np.prod(shape[1:]))
     alpha = rng.standard_normal((shape[0],) + tuple(sizes))
-    window = shape[1] - sizes[0] + 1
-    if balanced and window > 1:
-        alpha -= (1.0 - 1.0 / window) * alpha.mean(axis=1, keepdims=True)
+    span = window(shape[1], sizes[0])
+    if balanced and span > 1:
+        alpha -= (1.0 - 1.0 / span) * alpha.mean(axis=1, keepdims=True)
     weight = expand(alpha, shape)
     weight *= np.sqrt(2.0 / fan_in) / (weight.std() + 1e-12)
     if noise:
@@ -50,7 +50,7 @@ def spatial_window(shape: tuple[int, ...], sizes: tuple[int, ...]) -> int:
     for an i.i.d. random filter.  A structured filter is smooth, so at equal
     Frobenius norm its gain on smooth inputs is ``sqrt`` of this larger.
     """
-    return int(np.prod([k - n + 1 for k, n in zip(shape[2:], sizes[1:])]))
+    return int(np.prod(windows(shape[2:], sizes[1:])))
 
 
 class GraphBuilder:

@@ -280,7 +280,7 @@ def format_report(trials: dict[str, list[Trial]], timings: dict, config: Config)
             f"{acc:.2f}" for trial in seed_trials
             for acc in (trial.acc_trained, trial.acc_rewritten)])
     layers = [["layer", "weight", "structure", "params", "MACs/image"]] + [
-        [layer.node, "x".join(map(str, layer.weight_shape)), layer.chosen.label(),
+        [layer.node, "x".join(map(str, layer.weight_shape)), layer.chosen.label,
          f"{layer.params_before} -> {layer.params_after}",
          f"{human(layer.macs_before)} -> {human(layer.macs_after)}"]
         for layer in trials["sr"][0].report.plan.layers if layer.rewritten]

@@ -1,11 +1,14 @@
-"""sconv-onnx: rewrite structured convolutions in ONNX models as sum-pool + small conv.
+"""sconv-onnx: find layers whose constant weights have a known structure, rewrite them into
+cheaper nodes, and prove with onnxruntime that the model still computes the same thing.
 
-See ``sconv_onnx.optimize`` and ``sconv_onnx.analyze``.
+See :func:`sconv_onnx.optimize` and :func:`sconv_onnx.analyze`; structure families plug in
+through :mod:`sconv_onnx.passes` (:class:`Family`, :func:`register`).
 """
 
 from .api import DEFAULT_MAX_ERROR, DEFAULT_TOL, analyze, optimize, verify_models
 from .errors import InputError, SconvError, VerificationError
-from .plan import LayerPlan, Lowering, Plan
+from .passes import Family, register, registered, unregister
+from .plan import Candidate, LayerPlan, Part, Plan
 from .report import Report
 from .structure import Structure
 
@@ -14,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MAX_ERROR",
     "DEFAULT_TOL",
+    "Candidate",
+    "Family",
     "InputError",
     "LayerPlan",
-    "Lowering",
+    "Part",
     "Plan",
     "Report",
     "SconvError",
@@ -24,5 +29,8 @@ __all__ = [
     "VerificationError",
     "analyze",
     "optimize",
+    "register",
+    "registered",
+    "unregister",
     "verify_models",
 ]

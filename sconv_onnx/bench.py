@@ -1,6 +1,6 @@
 """Timing in onnxruntime, done so that A/B ratios can be trusted.
 
-Rules (DESIGN.md section 2, measured here): every session has a fixed number
+Rules (docs/DESIGN.md section 2, measured here): every session has a fixed number
 of intra-op threads and *spinning disabled* (the idle threads of one
 session otherwise steal the cores of the other); models are run
 interleaved, in alternating order, after a warm-up; the A/B figure is the
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .verify import session
+from .runtime import session
 
 
 def default_threads() -> int:

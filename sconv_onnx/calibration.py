@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 
 from .errors import InputError, first_line
+from .runtime import run_many, session
 from .shapes import declared_dims, graph_inputs, load_inputs_file
-from .verify import check_feeds, run_many, session
+from .verify import check_feeds
 
 #: Samples per onnxruntime run when the batch dim is dynamic.
 CHUNK = 8

@@ -1,4 +1,4 @@
-"""The ``sconv-onnx`` command: optimize, analyze, verify, demo.
+"""The ``sconv-onnx`` command: optimize, analyze, verify, bench, demo.
 
 Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad input or
 usage (one line on stderr); 3 internal error (one line; set
@@ -15,18 +15,13 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .api import (
-    DEFAULT_MAX_ERROR,
-    DEFAULT_TOL,
-    SELECT_MODES,
-    analyze,
-    bench_models,
-    optimize,
-    verify_models,
-)
+from .api import analyze, bench_models, optimize, verify_models
 from .bench import default_threads, format_result
 from .errors import InputError, SconvError, VerificationError, first_line
 from .modelio import check_output_path, save_model, write_atomic
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL
+from .passes import registered
+from .plan import SELECT_MODES
 from .report import layer_table
 
 PROG = "sconv-onnx"
@@ -76,20 +71,28 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_planning_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                        help=f"bound on each layer's relative weight residual (default {DEFAULT_TOL:g})")
+    parser.add_argument("--select", choices=SELECT_MODES, default="cost",
+                        help="cost: rewrite where the cost model predicts a gain (default); "
+                             "all: every layer within --tol; measured: time the best candidates "
+                             "of each layer on its real shapes and keep only measured wins")
+    parser.add_argument("--families", metavar="A,B", default=None,
+                        help="structure families to look for, comma-separated (default: all "
+                             f"registered: {','.join(registered())})")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Rewrite structured convolutions as sum-pool + small conv.")
+    parser = _Parser(prog=PROG, description="Rewrite layers whose constant weights have a known "
+                                            "structure into cheaper nodes, verified by onnxruntime.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     opt = commands.add_parser("optimize", help="rewrite structured layers, verify, save")
     opt.add_argument("input", metavar="IN")
     opt.add_argument("output", metavar="OUT")
-    opt.add_argument("--tol", type=float, default=DEFAULT_TOL,
-                     help=f"bound on each layer's relative weight residual (default {DEFAULT_TOL:g})")
-    opt.add_argument("--select", choices=SELECT_MODES, default="cost",
-                     help="cost: rewrite where the cost model predicts a gain (default); "
-                          "all: every layer within --tol; measured: time the best candidates "
-                          "of each layer on its real shapes and keep only measured wins")
+    _add_planning_options(opt)
     _add_shape_options(opt)
     _add_calibration_options(opt)
     opt.add_argument("--max-error", type=float, default=None,
@@ -108,8 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting")
     ana.add_argument("input", metavar="IN")
-    ana.add_argument("--tol", type=float, default=DEFAULT_TOL)
-    ana.add_argument("--select", choices=SELECT_MODES, default="cost")
+    _add_planning_options(ana)
     _add_shape_options(ana, inputs=False)
     _add_calibration_options(ana)
     ana.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -152,7 +154,8 @@ def _optimize(args) -> int:
         check_output_path(args.input, args.report)
     try:
         model, report = optimize(
-            args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
+            args.input, tol=args.tol, select=args.select, families=args.families,
+            input_shapes=args.input_shape,
             inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
             threads=args.threads, calib_data=args.calib_data, target_macs=args.target_macs,
             alpha_fit=args.alpha_fit,
@@ -201,7 +204,8 @@ def _bench(args) -> int:
 
 
 def _analyze(args) -> int:
-    plan = analyze(args.input, tol=args.tol, select=args.select, input_shapes=args.input_shape,
+    plan = analyze(args.input, tol=args.tol, select=args.select, families=args.families,
+                   input_shapes=args.input_shape,
                    calib_data=args.calib_data, target_macs=args.target_macs,
                    alpha_fit=args.alpha_fit)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else layer_table(plan))
@@ -237,7 +241,8 @@ def _demo(args) -> int:
     print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured)")
     print(f"$ {PROG} optimize {source} {target}\n")
     return _optimize(argparse.Namespace(
-        input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", input_shape=[],
+        input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", families=None,
+        input_shape=[],
         inputs=None, calib_data=None, target_macs=None, alpha_fit="data", no_verify=False,
         max_error=None, report=None, quiet=False,
         bench=True, threads=None, runs=50, warmup=10, external_data=None,

@@ -1,9 +1,17 @@
-"""Cost model: MACs and predicted time of a Conv and of its structured lowerings.
+"""Cost model: predicted time of a layer and of the operators that replace it.
 
-Units.  Costs are in *MAC-equivalents per output position* of the layer
-(batch 1): one multiply-add of a dense convolution counts 1.  Element-wise
-and memory-bound work is charged per element it touches.  Decisions compare
-ratios, so the unit cancels out.
+Units.  An operator (:class:`OpCost`) is described *per output position* of
+the layer it belongs to; :func:`total_cost` turns a list of them into
+*MAC-equivalents per run* (batch 1): one multiply-add of a dense convolution
+counts 1, element-wise and memory-bound work is charged per element it
+touches, and each graph node has a fixed overhead.  Decisions compare
+ratios, so the unit cancels out; absolute costs let the costs of several
+layers (a shared pool, a group of layers) add up.  MACs are counted by
+:mod:`sconv_onnx.macs`, the same definition the report's totals use.
+
+Families build their candidates' operators from the helpers here
+(:func:`conv_op`, :func:`pool_op`, :func:`cumsum_op`, :func:`linear_op`,
+:func:`conv_transpose_op`), so that every family is priced alike.
 
 Constants are fitted by ``python benchmarks/calibrate.py`` (results and
 method in ``benchmarks/CALIBRATION.md``): every structured layer of the
@@ -37,6 +45,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from . import macs
 
 #: MAC-equivalents per tensor element read or written by an operator.
 MEMORY = 45.0
@@ -75,17 +85,21 @@ class ConvGeometry:
         """Output positions at batch 1, when the output shape is known."""
         return math.prod(self.out_spatial) if self.out_spatial is not None else None
 
+    def pooled_spatial(self, window: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Spatial size of a stride-1 sum-pool over ``window`` with the layer's pads and
+        dilations (the small conv's input), when the input size is known."""
+        if self.in_spatial is None or self.pads is None:
+            return None
+        rank = len(self.kernel)
+        return tuple(self.in_spatial[i] + self.pads[i] + self.pads[rank + i]
+                     - self.dilations[i] * (window[i] - 1) for i in range(rank))
+
     def pooled_positions(self, window: tuple[int, ...]) -> float:
         """Positions of a stride-1 sum-pool with ``window``, per output position."""
-        out = self.out_spatial
-        if self.in_spatial is None or out is None or self.pads is None:
+        pooled = self.pooled_spatial(window)
+        if pooled is None or self.out_spatial is None:
             return float(math.prod(self.strides))
-        rank = len(self.kernel)
-        pooled = [
-            self.in_spatial[i] + self.pads[i] + self.pads[rank + i] - self.dilations[i] * (window[i] - 1)
-            for i in range(rank)
-        ]
-        return math.prod(pooled) / max(1, math.prod(out))
+        return math.prod(pooled) / max(1, math.prod(self.out_spatial))
 
 
 @dataclass(frozen=True)
@@ -115,79 +129,48 @@ class OpCost:
         return self.macs * price + self.elements * MEMORY
 
 
+def conv_op(out_channels: int, in_per_group: int, in_channels: int, kernel: tuple[int, ...],
+            in_positions: float, out_positions: float = 1.0, kind: str = "dense",
+            op: str = "Conv") -> OpCost:
+    """A convolution, per output position of the layer: it writes ``out_channels`` at
+    ``out_positions`` and reads ``in_channels`` at ``in_positions`` (element counts per
+    output position of the layer; a 1x1 conv over a pooled map, or the layer itself with
+    ``in_positions = prod(strides)``)."""
+    return OpCost(op, macs.conv(out_channels * out_positions, in_per_group, kernel),
+                  in_channels * in_positions + out_channels * out_positions, kind)
+
+
+def pool_op(channels: int, window: tuple[int, ...], positions: float, op: str) -> OpCost:
+    """A stride-1 sum-pool over ``window`` writing ``channels`` at ``positions`` per output
+    position of the layer (AveragePool, or an all-ones depthwise Conv)."""
+    return OpCost(op, macs.pool(channels * positions, window), 2 * channels * positions, "pool")
+
+
+def cumsum_op(inputs: float, nodes: int) -> OpCost:
+    """A CumSum and its Slice-difference (``nodes`` graph nodes in all) over ``inputs`` elements
+    per output position, priced per element (:data:`CUMSUM_ELEMENT`)."""
+    return OpCost("CumSum", macs.cumsum(inputs), inputs, "cumsum", nodes)
+
+
 def original_ops(geom: ConvGeometry) -> list[OpCost]:
     """The untouched Conv."""
-    macs = geom.out_channels * geom.in_channels_per_group * math.prod(geom.kernel)
-    elements = geom.in_channels * math.prod(geom.strides) + geom.out_channels
-    return [OpCost("Conv", macs, elements)]
+    return [conv_op(geom.out_channels, geom.in_channels_per_group, geom.in_channels, geom.kernel,
+                    math.prod(geom.strides))]
 
 
-def lowered_ops(
-    geom: ConvGeometry,
-    sizes: tuple[int, ...],
-    channel: str | None,
-    spatial: str | None,
-    shared: frozenset[str] = frozenset(),
-) -> list[OpCost]:
-    """Channel pool, spatial sum-pool and small Conv for structure ``sizes``.
+def total_cost(positions: int | None, ops) -> float:
+    """Predicted time of ``ops`` in MAC-equivalents per run (batch 1).
 
-    ``shared`` names the pools (``"channel"``, ``"spatial"``) that another
-    layer already computes on the same input: they cost nothing here.
+    ``ops`` are per output position of a layer with ``positions`` output
+    positions: their costs are multiplied by it, and each graph node adds
+    :data:`NODE_OVERHEAD` once.  When the positions are unknown (None) the
+    result is per output position and the node overhead is left out (decisions
+    compare ratios of one layer's costs, so that holds for ratios).
     """
-    under_c, under_k = sizes[0], sizes[1:]
-    per_group = geom.in_channels_per_group
-    window = tuple(k - n + 1 for k, n in zip(geom.kernel, under_k))
-    full_positions = float(math.prod(geom.strides))
-    ops: list[OpCost] = []
-    pooled_channels = geom.in_channels
-    if channel is not None:
-        pooled_channels = geom.group * under_c
-        if "channel" in shared:
-            pass
-        elif channel == "cumsum":
-            inputs = geom.in_channels * full_positions
-            macs = inputs + 2 * pooled_channels * full_positions
-            ops.append(OpCost("CumSum", macs, inputs, kind="cumsum", nodes=6))
-        else:
-            ops.append(OpCost(
-                "Conv",
-                pooled_channels * per_group * full_positions,
-                (geom.in_channels + pooled_channels) * full_positions,
-            ))
-    if spatial is not None and "spatial" not in shared:
-        positions = geom.pooled_positions(window)
-        ops.append(OpCost(
-            "AveragePool" if spatial == "avgpool" else "Conv",
-            pooled_channels * math.prod(window) * positions,
-            2 * pooled_channels * positions,
-            kind="pool",
-        ))
-    small_macs = geom.out_channels * under_c * math.prod(under_k)
-    ops.append(OpCost(
-        "Conv",
-        small_macs,
-        pooled_channels * full_positions + geom.out_channels,
-        kind="small" if tuple(under_k) != tuple(geom.kernel) else "dense",
-    ))
-    return ops
-
-
-def total_cost(geom, ops: list[OpCost]) -> float:
-    """Predicted time in MAC-equivalents per output position.
-
-    Each graph node also costs :data:`NODE_OVERHEAD` once per run, spread
-    over the layer's output positions (``geom.positions``, when known).
-    """
-    positions = geom.positions
-    overhead = NODE_OVERHEAD * sum(op.nodes for op in ops) / positions if positions else 0.0
-    return sum(op.cost for op in ops) + overhead
-
-
-def total_macs(geom, ops: list[OpCost]) -> int | None:
-    """MACs (additions of the pools included) for batch 1, when shapes are known."""
-    if geom.positions is None:
-        return None
-    return round(sum(op.macs for op in ops) * geom.positions)
+    per_position = sum(op.cost for op in ops)
+    if not positions:
+        return per_position
+    return per_position * positions + NODE_OVERHEAD * sum(op.nodes for op in ops)
 
 
 @dataclass(frozen=True)
@@ -205,21 +188,16 @@ class LinearGeometry:
         return self.rows
 
 
-def linear_ops(geom: LinearGeometry, under: int | None) -> list[OpCost]:
-    """Per row: the layer as is (``under`` None), or sliding sums then a ``under``-input layer.
+def linear_op(geom: LinearGeometry, features: int) -> OpCost:
+    """Per row: a fully connected layer with ``features`` inputs.
 
     At batch 1 a fully connected layer reads its whole weight for few rows,
     so the weight's elements are charged per row (:data:`MEMORY` each).
     """
     rows = geom.rows or 1
-    features = geom.in_features if under is None else under
-    ops = []
-    if under is not None:
-        ops.append(OpCost("CumSum", geom.in_features + 2 * under, geom.in_features,
-                          kind="cumsum", nodes=6))
-    macs = features * geom.out_features
-    ops.append(OpCost("Gemm", macs, macs / rows + features + geom.out_features))
-    return ops
+    weight = features * geom.out_features
+    return OpCost("Gemm", macs.matmul(geom.out_features, features),
+                  weight / rows + features + geom.out_features)
 
 
 @dataclass(frozen=True)
@@ -255,32 +233,10 @@ class TransposeGeometry:
         return math.prod(self.in_spatial) / max(1, math.prod(self.out_spatial))
 
 
-def transpose_ops(geom: TransposeGeometry, sizes: tuple[int, ...] | None) -> list[OpCost]:
-    """Per output position: the ConvTranspose as is (``sizes`` None), or its lowering.
-
-    The lowering of structure ``(c, n)`` (see
-    :mod:`sconv_onnx.passes.structured_conv_transpose`) is a ConvTranspose
-    with ``c`` outputs per group and kernel ``n``, an all-ones depthwise
-    Conv over the ``K-n+1`` window (when ``n != K``) and a 0/1 1x1 Conv that
-    spreads ``c`` channels to ``C`` per group (when ``c != C``).  The
-    intermediate tensors are charged at the output resolution.
-    """
-    per_input = geom.inputs_per_output
-    in_elements = geom.in_channels * per_input
-    if sizes is None:
-        macs = geom.in_channels * geom.out_channels_per_group * math.prod(geom.kernel) * per_input
-        return [OpCost("ConvTranspose", macs, in_elements + geom.out_channels)]
-    under_c, under_k = sizes[0], tuple(sizes[1:])
-    small_channels = geom.group * under_c
-    ops = [OpCost(
-        "ConvTranspose",
-        geom.in_channels * under_c * math.prod(under_k) * per_input,
-        in_elements + small_channels,
-        kind="small" if under_k != tuple(geom.kernel) else "dense",
-    )]
-    if under_k != tuple(geom.kernel):
-        window = math.prod(k - n + 1 for k, n in zip(geom.kernel, under_k))
-        ops.append(OpCost("Conv", small_channels * window, 2 * small_channels, kind="pool"))
-    if under_c != geom.out_channels_per_group:
-        ops.append(OpCost("Conv", geom.out_channels * under_c, small_channels + geom.out_channels))
-    return ops
+def conv_transpose_op(geom: TransposeGeometry, out_per_group: int, kernel: tuple[int, ...],
+                      kind: str = "dense") -> OpCost:
+    """Per output position: a ConvTranspose from the layer's input to ``out_per_group``
+    channels per group with ``kernel`` (the layer itself, or its small version)."""
+    inputs = geom.in_channels * geom.inputs_per_output
+    return OpCost("ConvTranspose", macs.conv_transpose(inputs, out_per_group, kernel),
+                  inputs + geom.group * out_per_group, kind)

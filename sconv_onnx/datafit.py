@@ -43,7 +43,7 @@ import math
 
 import numpy as np
 
-from .structure import box_basis, fit_alpha
+from .structure import box_basis, fit_alpha, window
 
 #: Patches sampled per layer (:func:`sample_conv_patches`, :func:`sample_rows`).
 MAX_POSITIONS = 4096
@@ -117,11 +117,11 @@ def window_sums(tensor: np.ndarray, axis: int, under: int) -> np.ndarray:
     full = tensor.shape[axis]
     if under == full:
         return tensor
-    window = full - under + 1
+    span = window(full, under)
     sums = np.cumsum(tensor, axis=axis)
     zero = np.zeros_like(np.take(sums, [0], axis=axis))
     sums = np.concatenate([zero, sums], axis=axis)
-    return np.take(sums, np.arange(window, window + under), axis=axis) - np.take(
+    return np.take(sums, np.arange(span, span + under), axis=axis) - np.take(
         sums, np.arange(under), axis=axis)
 
 

@@ -29,7 +29,7 @@ from onnx import TensorProto
 from .errors import InputError, first_line
 
 #: Model-level fields that onnx-graphsurgeon's export does not carry over and
-#: that a rewrite must keep exactly as they were (DESIGN.md section 2: never
+#: that a rewrite must keep exactly as they were (docs/DESIGN.md section 2: never
 #: bump ``ir_version`` or opsets implicitly).
 _MODEL_FIELDS = (
     "ir_version",
@@ -93,21 +93,35 @@ def _is_heavy(tensor: TensorProto) -> bool:
     return tensor.HasField("raw_data") and tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (an If's branches, a Loop's body)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in it, outer before inner (the protobuf view;
+    :func:`sconv_onnx.passes.graphs.walk` is the onnx-graphsurgeon one)."""
+    yield graph
     for node in graph.node:
-        yield from _node_tensors(node)
+        for sub in subgraphs(node):
+            yield from graphs(sub)
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
     for attr in node.attribute:
         if attr.HasField("t"):
             yield attr.t
         yield from attr.tensors
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for graph in attr.graphs:
-            yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    for scope in graphs(graph):
+        yield from scope.initializer
+        for node in scope.node:
+            yield from _attribute_tensors(node)
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
@@ -116,7 +130,9 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
-            yield from _node_tensors(node)
+            yield from _attribute_tensors(node)
+            for sub in subgraphs(node):
+                yield from _graph_tensors(sub)
 
 
 # --- the weightless copy ------------------------------------------------------------------

@@ -1,59 +1,176 @@
-"""The plan: per layer, the structure found, the lowering chosen, and why.
+"""The plan: per layer, the candidates found, the one chosen, and why.
 
 Plain data.  The CLI tables, the JSON report and the tests all read it; a
-decision that is not in the plan did not happen.
+decision that is not in the plan did not happen, and the rewrite reads
+nothing else (the chosen :class:`Candidate` carries its ``payload``, e.g.
+the fitted weights).
+
+A :class:`Candidate` is one way a family can rewrite a site.  What it costs
+is a sum of :class:`Part` s, so that a piece another layer already computes
+(a shared sum-pool, a shared generator) is charged once: the
+:mod:`~sconv_onnx.select` module passes the keys already taken.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from .structure import Structure
+from .cost import OpCost, total_cost
 
-REWRITE = "rewrite"
-KEEP = "keep"
+Decision = Literal["rewrite", "keep"]
+#: How candidates are chosen (:mod:`sconv_onnx.select`).
+SelectMode = Literal["cost", "all", "measured"]
+#: What settled a layer's decision:
+#: ``skipped`` (the family cannot handle it: see the reason), ``no_candidate`` (no
+#: structure within the tolerance), ``cost``, ``all``, ``measured`` (the selection
+#: mode's rule), ``budget`` (the MAC budget's greedy step) or ``excluded`` (kept by
+#: the whole-model check of ``select="measured"``).
+DecidedBy = Literal["skipped", "no_candidate", "cost", "all", "measured", "budget", "excluded"]
+
+REWRITE: Decision = "rewrite"
+KEEP: Decision = "keep"
+SELECT_MODES: tuple[SelectMode, ...] = ("cost", "all", "measured")
 
 
 @dataclass(frozen=True)
-class Lowering:
-    """How the sum-pool is emitted.
+class Part:
+    """A piece of a candidate's rewrite and what it adds.
 
-    ``channel``: ``"cumsum"`` (CumSum over channels, then a Slice difference)
-    or ``"matrix"`` (a fixed 0/1 1x1 Conv), or None when no channel pooling.
-    ``spatial``: ``"avgpool"`` (AveragePool, window area folded into alpha)
-    or ``"ones_conv"`` (depthwise all-ones Conv), or None.
+    ``params``: constant elements it writes; ``ops``: its operators, per output
+    position of the layer (:class:`sconv_onnx.cost.OpCost`), at ``positions``
+    output positions (batch 1; None when the shapes are unknown).  ``macs`` and
+    ``cost`` derive from them (:mod:`sconv_onnx.macs`,
+    :func:`sconv_onnx.cost.total_cost`, with the cost model's current
+    constants): per run, or per output position when the positions are
+    unknown.  A ``key`` marks a piece that another layer may compute too (the
+    same sum-pool of the same tensor): it is charged to the first layer that
+    emits it.  ``layer`` names the member of a group site it belongs to (None:
+    the whole site, charged to its first member).
     """
 
-    channel: str | None
-    spatial: str | None
+    kind: str
+    params: int
+    ops: tuple[OpCost, ...]
+    positions: int | None
+    key: Hashable | None = None
+    layer: str | None = None
 
-    def label(self) -> str:
-        parts = [p for p in (self.channel, self.spatial) if p]
-        return "+".join(parts) if parts else "conv only"
+    @property
+    def macs(self) -> float:
+        return math.fsum(op.macs for op in self.ops) * (self.positions or 1)
+
+    @property
+    def cost(self) -> float:
+        return total_cost(self.positions, self.ops)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to rewrite a site: pure data, made by a family's ``candidates``.
+
+    ``label`` names the structure (e.g. ``c=32 n=2x2``), ``lowering`` how it is
+    emitted (e.g. ``matrix+avgpool``; empty when there is one way);
+    ``residual`` is the weight-space distance ``||W - W'||_F / ||W||_F``;
+    ``parts`` what it costs; ``payload`` whatever the family's ``emit`` needs
+    (never read by anything else).  ``rounding_depth`` bounds the float
+    additions an output takes through the rewrite (its rounding error is at
+    most about ``rounding_depth * u`` of the magnitudes summed, ``u`` the
+    dtype's unit roundoff).  ``absorbs`` names nodes the rewrite removes
+    besides the layer (a folded BatchNormalization).  ``approximate``
+    candidates lie outside the tolerance and are offered only to the MAC
+    budget, with their output errors on the calibration data.
+    """
+
+    family: str
+    label: str
+    residual: float
+    parts: tuple[Part, ...]
+    lowering: str = ""
+    payload: Any = field(default=None, compare=False, repr=False)
+    rounding_depth: int = 0
+    absorbs: tuple[str, ...] = ()
+    approximate: bool = False
+    output_error: float | None = None
+    output_error_weight_alpha: float | None = None
+
+    def _unshared(self, taken: Iterable[Hashable]) -> list[Part]:
+        taken = set(taken)
+        return [part for part in self.parts if part.key is None or part.key not in taken]
+
+    def shared(self, taken: Iterable[Hashable]) -> tuple[str, ...]:
+        """Kinds of the parts that an earlier layer computes already (their keys in ``taken``)."""
+        taken = set(taken)
+        return tuple(part.kind for part in self.parts if part.key is not None and part.key in taken)
+
+    def params(self, taken: Iterable[Hashable] = ()) -> int:
+        return sum(part.params for part in self._unshared(taken))
+
+    def macs(self, taken: Iterable[Hashable] = ()) -> int:
+        """MACs at batch 1 (per output position when the shapes are unknown), less ``taken``."""
+        return round(math.fsum(part.macs for part in self._unshared(taken)))
+
+    def cost(self, taken: Iterable[Hashable] = ()) -> float:
+        """Predicted time (:func:`sconv_onnx.cost.total_cost`), less ``taken``."""
+        return math.fsum(part.cost for part in self._unshared(taken))
+
+    @property
+    def keys(self) -> tuple[Hashable, ...]:
+        """The keys of its shareable parts."""
+        return tuple(part.key for part in self.parts if part.key is not None)
+
+    def details(self) -> dict:
+        """The payload's own description (``payload.to_dict()``), for the JSON report."""
+        describe = getattr(self.payload, "to_dict", None)
+        return describe() if describe is not None else {}
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "label": self.label,
+            "lowering": self.lowering,
+            "residual": self.residual,
+            "params": self.params(),
+            "macs": self.macs(),
+            "cost": self.cost(),
+            "rounding_depth": self.rounding_depth,
+            "approximate": self.approximate,
+            "details": self.details(),
+        }
 
 
 @dataclass
 class LayerPlan:
     """Everything decided about one layer.
 
-    ``params_*`` count weights (the sum-pool's own constants included after);
-    ``macs_*`` are multiply-adds at batch 1 (the pool's additions included),
-    None when the shapes are not known; ``cost_*`` are the cost model's
-    predictions in MAC-equivalents per output position; ``measured_ratio``
-    is the chosen candidate's time over the original's, timed side by side
-    on the layer alone (``select="measured"`` only).  ``residual`` (of
-    ``chosen``) is the weight-space error ``||W - A alpha||_F / ||W||_F``.
+    ``params_*`` count weights (the rewrite's own constants included after);
+    ``macs_*`` are multiply-adds at batch 1 (:mod:`sconv_onnx.macs`), None
+    when the shapes are not known; ``cost_*`` are the cost model's
+    predictions in MAC-equivalents per run.  The ``*_after`` values are the
+    chosen candidate's, less the parts it shares (``shared``: computed by an
+    earlier layer).  ``best`` is the layer's most compressive candidate within
+    the tolerance, ``chosen`` the one the decision is about (rewritten, or
+    kept with the reason).  ``measured_ratio`` is the chosen candidate's time
+    over the original's, timed side by side on the layer alone
+    (``select="measured"`` only).  With calibration data, ``output_error`` is
+    the relative error of the layer's output (bias excluded) with the weights
+    written, ``output_error_weight_alpha`` with the weight-space least-squares
+    ones (see :mod:`sconv_onnx.datafit`).
     """
 
     node: str
     op: str
     weight_shape: tuple[int, ...]
+    #: the layer's first output tensor: unique in the model (SSA), so the layer's key
+    key: str = ""
     group: int = 1
     #: the least precise dtype the weight was stored in (a Cast may widen it)
     weight_dtype: str = ""
-    best: Structure | None = None
-    chosen: Structure | None = None
-    lowering: Lowering | None = None
+    family: str | None = None
+    best: Candidate | None = None
+    chosen: Candidate | None = None
     params_before: int = 0
     params_after: int = 0
     macs_before: int | None = None
@@ -61,47 +178,35 @@ class LayerPlan:
     cost_before: float | None = None
     cost_after: float | None = None
     measured_ratio: float | None = None
-    #: with calibration data: relative error of the layer's output (bias excluded) with
-    #: the alpha written, and with the weight-space alpha (see :mod:`sconv_onnx.datafit`)
     output_error: float | None = None
     output_error_weight_alpha: float | None = None
-    decision: str = KEEP
+    decision: Decision = KEEP
+    decided_by: DecidedBy = "no_candidate"
+    #: kinds of the chosen candidate's parts computed by an earlier layer (e.g. ``channel pool``)
+    shared: tuple[str, ...] = ()
+    #: nodes the rewrite removes besides the layer (e.g. a folded BatchNormalization)
+    folded: tuple[str, ...] = ()
+    #: why the layer was excluded (the whole-model check of ``select="measured"``), if it was
+    excluded: str | None = None
     reason: str = ""
 
     @property
     def rewritten(self) -> bool:
         return self.decision == REWRITE
 
+    @property
+    def residual(self) -> float | None:
+        candidate = self.chosen or self.best
+        return None if candidate is None else candidate.residual
+
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["weight_shape"] = list(self.weight_shape)
         for key in ("best", "chosen"):
             value = getattr(self, key)
-            data[key] = (
-                None
-                if value is None
-                else {"sizes": list(value.sizes), "residual": value.residual, "label": value.label()}
-            )
-        data["lowering"] = None if self.lowering is None else asdict(self.lowering)
-        data["weight_shape"] = list(self.weight_shape)
+            data[key] = None if value is None else value.to_dict()
+        data["shared"], data["folded"] = list(self.shared), list(self.folded)
         return data
-
-
-def decide_by_cost(layer: LayerPlan, select: str, gain_margin: float, note: str = "") -> None:
-    """Rewrite ``layer`` when ``select="all"`` or its predicted cost ratio is at most
-    ``gain_margin``; otherwise keep it.  ``note`` ends the reason (e.g. why it was
-    not measured).  Needs ``chosen``, ``lowering``, ``cost_before`` and ``cost_after``.
-    """
-    ratio = layer.cost_after / layer.cost_before
-    if select == "all" or ratio <= gain_margin:
-        layer.decision = REWRITE
-        prefix = "select=all; " if select == "all" else ""
-        layer.reason = f"{prefix}predicted time {ratio:.2f}x{note}"
-    else:
-        layer.decision = KEEP
-        label = layer.chosen.label()
-        if layer.lowering is not None and layer.lowering.label() != "conv only":
-            label += f" {layer.lowering.label()}"
-        layer.reason = f"no gain predicted ({label}: {ratio:.2f}x){note}"
 
 
 @dataclass
@@ -109,14 +214,18 @@ class Plan:
     """The per-layer plans of one model, with the settings that produced them."""
 
     tol: float
-    select: str
+    select: SelectMode
     layers: list[LayerPlan] = field(default_factory=list)
+    #: the families that looked for sites, in the order they were asked
+    families: tuple[str, ...] = ()
     #: ``select="measured"``: the whole rewritten model's time over the original's.
     model_ratio: float | None = None
-    #: the MAC budget (fraction of the original Conv/Gemm/MatMul MACs), when one was set
+    #: the MAC budget (fraction of the original layers' MACs), when one was set
     target_macs: float | None = None
     #: how a budget's alphas were solved: ``"data"`` or ``"weights"`` (:mod:`sconv_onnx.budget`)
     alpha_fit: str | None = None
+    #: what the selection has to say about the whole plan (e.g. a budget out of reach)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[LayerPlan]:
@@ -145,9 +254,11 @@ class Plan:
         return {
             "tol": self.tol,
             "select": self.select,
+            "families": list(self.families),
             "model_ratio": self.model_ratio,
             "target_macs": self.target_macs,
             "alpha_fit": self.alpha_fit,
+            "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": self.totals(),
         }

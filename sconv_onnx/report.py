@@ -35,37 +35,40 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def layer_table(plan: Plan) -> str:
-    """One row per analysed layer, and a totals row.  With calibration data, the
-    ``out err`` column is the layer's relative output error (weight-space alpha's
-    in brackets when the written alpha differs)."""
+    """One row per analysed layer, and a totals row.  ``family`` and ``structure`` are
+    the chosen candidate's (else the best one's); with calibration data, the ``out err``
+    column is the layer's relative output error (weight-space alpha's in brackets when
+    the written alpha differs)."""
     calibrated = any(layer.output_error is not None for layer in plan.layers)
     rows = []
     for layer in plan.layers:
-        structure = layer.chosen or layer.best
+        candidate = layer.chosen or layer.best
         rows.append([
             layer.node,
             layer.op,
+            candidate.family if candidate else "-",
             "x".join(map(str, layer.weight_shape)),
-            structure.label() if structure else "-",
-            f"{structure.residual:.1e}" if structure else "-",
+            candidate.label if candidate else "-",
+            f"{candidate.residual:.1e}" if candidate else "-",
             *([_output_error(layer)] if calibrated else []),
             f"{human(layer.params_before)} -> {human(layer.params_after)}" if layer.rewritten
             else human(layer.params_before),
             f"{human(layer.macs_before)} -> {human(layer.macs_after)}" if layer.rewritten
             else human(layer.macs_before),
-            layer.lowering.label() if layer.rewritten and layer.lowering else "-",
+            (layer.chosen.lowering or "-") if layer.rewritten else "-",
             layer.decision,
             layer.reason,
         ])
     totals = plan.totals()
     rows.append([
-        "TOTAL", "", "", "", "", *([""] if calibrated else []),
+        "TOTAL", "", "", "", "", "", *([""] if calibrated else []),
         f"{human(totals['params_before'])} -> {human(totals['params_after'])}",
         f"{human(totals['macs_before'])} -> {human(totals['macs_after'])}",
         "", f"{totals['rewritten']}/{totals['layers']}", "",
     ])
-    header = ["node", "op", "weight", "structure", "residual", *(["out err"] if calibrated else []),
-              "params", "MACs", "lowering", "decision", "reason"]
+    header = ["node", "op", "family", "weight", "structure", "residual",
+              *(["out err"] if calibrated else []), "params", "MACs", "lowering", "decision",
+              "reason"]
     return table(header, rows)
 
 

@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from . import macs
+from .modelio import graphs
+
 
 @dataclass
 class ModelStats:
-    """``macs`` counts multiply-adds of Conv, ConvTranspose, Gemm and MatMul plus the additions
-    of AveragePool and CumSum, at the verification input shapes (None when a
-    shape is unknown); ``params`` counts elements of initializers and
+    """``macs`` counts the multiply-adds of :mod:`sconv_onnx.macs` (Conv, ConvTranspose,
+    Gemm, MatMul, and the additions of AveragePool and CumSum) at the verification
+    input shapes (None when a shape is unknown); ``params`` counts elements of initializers and
     ``Constant`` tensors; ``size`` is the serialized size in bytes."""
 
     ops: Counter = field(default_factory=Counter)
@@ -27,55 +30,47 @@ class ModelStats:
         return data
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
+def _known(shapes: dict, name: str) -> list[int] | None:
+    dims = shapes.get(name)
+    return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
 
 
-def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
-    """Multiply-adds of one node, or None when its shapes are unknown."""
-    def known(name):
-        dims = shapes.get(name)
-        return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
+def _int_attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((attr.i for attr in node.attribute if attr.name == name), default)
 
-    out = known(node.output[0]) if node.output else None
+
+def node_macs(node: onnx.NodeProto, shapes: dict) -> float | None:
+    """MACs of one node (:mod:`sconv_onnx.macs`), or None when its shapes are unknown."""
+    out = _known(shapes, node.output[0]) if node.output else None
     if node.op_type == "Conv":
-        weight = known(node.input[1])
+        weight = _known(shapes, node.input[1])
         if out is None or weight is None:
             return None
-        return math.prod(out) * math.prod(weight[1:])
-    if node.op_type == "ConvTranspose":  # each input element spreads over (C/g) x prod(K) outputs
-        x, weight = known(node.input[0]), known(node.input[1])
+        return macs.conv(math.prod(out), weight[1], weight[2:])
+    if node.op_type == "ConvTranspose":
+        x, weight = _known(shapes, node.input[0]), _known(shapes, node.input[1])
         if x is None or weight is None:
             return None
-        return math.prod(x) * math.prod(weight[1:])
+        return macs.conv_transpose(math.prod(x), weight[1], weight[2:])
     if node.op_type in ("Gemm", "MatMul"):
-        a = known(node.input[0])
+        a = _known(shapes, node.input[0])
         if out is None or a is None:
             return None
-        transposed = node.op_type == "Gemm" and any(
-            attr.name == "transA" and attr.i for attr in node.attribute
-        )
-        inner = a[-2] if transposed else a[-1]
-        return math.prod(out) * inner
+        transposed = node.op_type == "Gemm" and _int_attr(node, "transA")
+        return macs.matmul(math.prod(out), a[-2] if transposed else a[-1])
     if node.op_type == "AveragePool":
         kernel = next(list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape")
-        return None if out is None else math.prod(out) * math.prod(kernel)
+        return None if out is None else macs.pool(math.prod(out), kernel)
     if node.op_type == "CumSum":
-        x = known(node.input[0])
-        return None if x is None else math.prod(x)
+        x = _known(shapes, node.input[0])
+        return None if x is None else macs.cumsum(math.prod(x))
     return 0
 
 
 def model_stats(model: onnx.ModelProto, shapes: dict) -> ModelStats:
     """Stats of ``model``; ``shapes`` maps main-graph tensor names to inferred dims."""
     stats = ModelStats(size=model.ByteSize())
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         stats.params += sum(math.prod(init.dims) for init in graph.initializer)
         for node in graph.node:
             stats.ops[node.op_type] += 1
@@ -84,6 +79,6 @@ def model_stats(model: onnx.ModelProto, shapes: dict) -> ModelStats:
                     if attr.name == "value":
                         stats.params += math.prod(attr.t.dims)
             if graph is model.graph and stats.macs is not None:
-                macs = _node_macs(node, shapes)
-                stats.macs = None if macs is None else stats.macs + macs
+                count = node_macs(node, shapes)
+                stats.macs = None if count is None else stats.macs + round(count)
     return stats

@@ -1,7 +1,7 @@
 """Structured-kernel math: box bases, separable least squares, structure search.
 
 Pure numpy, no ONNX. Conventions (Bhalgat et al., NeurIPS 2020, and
-DESIGN.md section 1):
+docs/DESIGN.md section 1):
 
 * A weight tensor ``W`` has shape ``(O, C, K_1, .., K_r)``: ``O`` filters,
   ``C`` input channels per group, ``r`` spatial axes.
@@ -47,15 +47,26 @@ WIDE_MARGIN = 1e-5
 SKETCH_SLACK = 2.0
 
 
+def window(size: int, under: int) -> int:
+    """``size - under + 1``: the entries each column of ``A(size, under)`` sums, i.e. the
+    sum-pool's window along an axis of length ``size`` structured at ``under``."""
+    return size - under + 1
+
+
+def windows(full: tuple[int, ...], under: tuple[int, ...]) -> tuple[int, ...]:
+    """:func:`window` per axis (e.g. a kernel ``K`` and its underlying sizes ``n``)."""
+    return tuple(window(size, n) for size, n in zip(full, under))
+
+
 @functools.lru_cache(maxsize=4096)
 def box_basis(size: int, under: int) -> np.ndarray:
     """Return ``A(size, under)``: column ``j`` has ones at rows ``j .. j+size-under``."""
     if not 1 <= under <= size:
         raise ValueError(f"underlying size {under} must be in 1..{size}")
-    window = size - under + 1
+    span = window(size, under)
     basis = np.zeros((size, under))
     for j in range(under):
-        basis[j : j + window, j] = 1.0
+        basis[j : j + span, j] = 1.0
     basis.setflags(write=False)
     return basis
 
@@ -191,14 +202,14 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     bounds = np.zeros(channels)
     if norm_sq == 0.0 or channels < 2:
         return bounds, sketched
-    windows = np.arange(2, channels + 1)
-    theta = 2 * np.pi / windows
+    lengths = np.arange(2, channels + 1)  # every window L = C - c + 1 > 1
+    theta = 2 * np.pi / lengths
     # wide layers: float32 trigonometry (4x faster), its rounding covered by a margin
     wide = channels >= WIDE_CHANNELS
     phase = theta[:, None] * np.arange(channels)[None, :]
     if wide:
         phase = phase.astype(np.float32)
-    a, b = np.cos(phase) @ matrix, np.sin(phase) @ matrix  # (windows, columns)
+    a, b = np.cos(phase) @ matrix, np.sin(phase) @ matrix  # (lengths, columns)
     # sum_i cos^2, sin^2, cos*sin over i < C in closed form: half-sums of exp(2 i theta i)
     ratio = np.exp(2j * theta)
     geometric = np.where(
@@ -217,7 +228,7 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     bound = np.sqrt(np.clip(energy / norm_sq, 0.0, 1.0))
     if wide:
         bound = np.maximum(bound - WIDE_MARGIN, 0.0)
-    bounds[channels - windows] = bound  # c - 1 = C - L
+    bounds[channels - lengths] = bound  # c - 1 = C - L
     return bounds, sketched
 
 

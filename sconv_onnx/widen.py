@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .modelio import graphs
+
 BFLOAT16 = onnx.TensorProto.BFLOAT16
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -34,22 +36,19 @@ def _widen_tensor(tensor: onnx.TensorProto) -> None:
 
 
 def _widen_graph(graph: onnx.GraphProto) -> None:
-    for init in graph.initializer:
-        _widen_tensor(init)
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.type.tensor_type.elem_type == BFLOAT16:
-            value.type.tensor_type.elem_type = FLOAT
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                _widen_tensor(attr.t)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                _widen_graph(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _widen_graph(sub)
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i == BFLOAT16:
-                attr.i = FLOAT
+    """Widen ``graph`` and its subgraphs in place."""
+    for scope in graphs(graph):
+        for init in scope.initializer:
+            _widen_tensor(init)
+        for value in list(scope.input) + list(scope.output) + list(scope.value_info):
+            if value.type.tensor_type.elem_type == BFLOAT16:
+                value.type.tensor_type.elem_type = FLOAT
+        for node in scope.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    _widen_tensor(attr.t)
+                elif node.op_type == "Cast" and attr.name == "to" and attr.i == BFLOAT16:
+                    attr.i = FLOAT
 
 
 def widen_model(model: onnx.ModelProto) -> onnx.ModelProto:

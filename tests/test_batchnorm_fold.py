@@ -43,8 +43,8 @@ def test_batchnorm_after_a_structured_conv_is_folded_into_the_rewrite(bias):
     model = _with_batchnorm(spec)
     new, report = sconv_onnx.optimize(model, select="all")
     (layer,) = report.plan.layers
-    assert layer.rewritten and layer.chosen.sizes == (4, 2, 2)
-    assert "folds bn" in layer.reason
+    assert layer.rewritten and layer.chosen.payload.sizes == (4, 2, 2)
+    assert layer.folded == ("bn",)
     ops = [node.op_type for node in new.graph.node]
     assert "BatchNormalization" not in ops
     conv = next(node for node in new.graph.node if node.name == "conv")
@@ -57,7 +57,7 @@ def test_batchnorm_is_kept_when_the_conv_output_has_another_reader():
     model = _with_batchnorm(SPEC, second_reader=True)
     new, report = sconv_onnx.optimize(model, select="all")
     (layer,) = report.plan.layers
-    assert layer.rewritten and "folds" not in layer.reason
+    assert layer.rewritten and layer.folded == ()
     assert "BatchNormalization" in [node.op_type for node in new.graph.node]
     assert report.max_rel_error < 1e-5
 
@@ -68,7 +68,7 @@ def test_batchnorm_with_runtime_statistics_is_not_folded():
         "x": np.random.default_rng(0).standard_normal(SPEC.input_shape).astype(np.float32),
         "bn_scale": np.full(SPEC.out_channels, 1.5, np.float32),
     })
-    assert "folds" not in report.plan.layers[0].reason
+    assert report.plan.layers[0].folded == ()
     assert "BatchNormalization" in [node.op_type for node in new.graph.node]
 
 
@@ -77,7 +77,7 @@ def test_benchmark_models_with_unfused_batchnorm_keep_their_structure(name):
     model = MODELS[name].build(batchnorm=True, size="small")
     new, report = sconv_onnx.optimize(model, select="all")
     rewritten = [layer for layer in report.plan.layers if layer.rewritten and layer.op == "Conv"]
-    assert rewritten and all("folds" in layer.reason for layer in rewritten)
+    assert rewritten and all(len(layer.folded) == 1 for layer in rewritten)
     count = [node.op_type for node in new.graph.node].count("BatchNormalization")
     assert count == [node.op_type for node in model.graph.node].count("BatchNormalization") - len(rewritten)
     assert report.max_rel_error < 1e-4

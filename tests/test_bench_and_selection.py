@@ -11,9 +11,9 @@ from sconv_onnx.models import demo_cnn
 from sconv_onnx.models.build import MODELS
 
 import sconv_onnx
-from sconv_onnx.api import WHOLE_MODEL_MARGIN
 from sconv_onnx.cli import main
-from sconv_onnx.passes.structured_conv import MEASURED_MARGIN
+from sconv_onnx.revert import WHOLE_MODEL_MARGIN
+from sconv_onnx.select import MEASURED_MARGIN
 from sconv_onnx.structure import expand
 
 
@@ -72,8 +72,8 @@ def test_cost_model_never_rewrites_depthwise_3x3_at_n2():
                         spatial=(size, size), strides=(stride, stride), pads=(1, 1, 1, 1),
                         sizes=(1, 2, 2))
         layer = sconv_onnx.analyze(make_model(spec)).layers[0]
-        assert layer.best.sizes == (1, 2, 2)
-        assert layer.decision == "keep", (channels, layer.reason)
+        assert layer.best.payload.sizes == (1, 2, 2)
+        assert layer.decision == "keep" and layer.decided_by == "cost", (channels, layer.reason)
 
 
 def test_cost_model_skips_1x1_channel_pooling_where_it_loses():
@@ -81,8 +81,8 @@ def test_cost_model_skips_1x1_channel_pooling_where_it_loses():
     spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(1, 1), spatial=(28, 28),
                     sizes=(32, 1, 1))
     layer = sconv_onnx.analyze(make_model(spec)).layers[0]
-    assert layer.best.sizes == (32, 1, 1)
-    assert layer.decision == "keep" and "no gain predicted" in layer.reason
+    assert layer.best.payload.sizes == (32, 1, 1)
+    assert layer.decision == "keep" and layer.decided_by == "cost"
     # 2-D, wide: the 0/1 matrix costs what it saves, CumSum would leave the NCHWc layout
     spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(1, 1), spatial=(7, 7),
                     sizes=(256, 1, 1))
@@ -91,7 +91,7 @@ def test_cost_model_skips_1x1_channel_pooling_where_it_loses():
     spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(1,), spatial=(500,),
                     sizes=(256, 1))
     layer = sconv_onnx.analyze(make_model(spec)).layers[0]
-    assert layer.decision == "rewrite" and layer.lowering.channel == "cumsum"
+    assert layer.decision == "rewrite" and layer.chosen.payload.lowering.channel == "cumsum"
 
 
 def test_cost_model_prefers_spatial_structure_alone_when_channel_pooling_costs_more():
@@ -99,9 +99,9 @@ def test_cost_model_prefers_spatial_structure_alone_when_channel_pooling_costs_m
     spec = ConvSpec(in_per_group=128, out_channels=128, group=1, kernel=(3, 3), spatial=(28, 28),
                     pads=(1, 1, 1, 1), sizes=(127, 2, 2))
     layer = sconv_onnx.analyze(make_model(spec)).layers[0]
-    assert layer.best.sizes == (127, 2, 2)
-    assert layer.decision == "rewrite" and layer.chosen.sizes == (128, 2, 2)
-    assert layer.lowering.channel is None
+    assert layer.best.payload.sizes == (127, 2, 2)
+    assert layer.decision == "rewrite" and layer.chosen.payload.sizes == (128, 2, 2)
+    assert layer.chosen.payload.lowering.channel is None
 
 
 def _resnet_like_block(channels: int = 64) -> onnx.ModelProto:
@@ -129,13 +129,13 @@ def test_layers_reading_the_same_tensor_share_one_channel_pool():
     new, report = sconv_onnx.optimize(model)
     first, second = report.plan.layers
     assert first.rewritten and second.rewritten
-    assert first.lowering.channel == second.lowering.channel
-    assert "shares channel pool" in second.reason
+    assert first.chosen.payload.lowering.channel == second.chosen.payload.lowering.channel
+    assert first.shared == () and second.shared == ("channel pool",)
     pools = [n for n in new.graph.node if n.op_type == "CumSum" or
              (n.op_type == "Conv" and n.name.endswith("sconv_channel_pool"))]
     assert len(pools) == 1
     # the shared pool's constants are counted once, with the first layer
-    assert second.params_after == second.weight_shape[0] * second.chosen.dof
+    assert second.params_after == second.weight_shape[0] * second.chosen.payload.structure.dof
     assert report.max_rel_error < 1e-5
 
 
@@ -144,9 +144,9 @@ def test_measured_selection_records_its_timings_and_keeps_only_wins():
     _, report = sconv_onnx.optimize(model, select="measured", threads=1)
     for layer in report.plan.layers:
         assert layer.measured_ratio is not None and layer.measured_ratio > 0
-        if not layer.reason.startswith("reverted"):
+        if layer.decided_by != "excluded":
+            assert layer.decided_by == "measured"
             assert layer.rewritten == (layer.measured_ratio <= MEASURED_MARGIN)
-            assert "measured" in layer.reason
     if report.plan.rewritten:
         assert report.plan.model_ratio <= WHOLE_MODEL_MARGIN
     assert report.max_rel_error < 1e-5
@@ -170,14 +170,14 @@ def test_benchmark_models_never_get_3d_pooling_and_stay_exact(name):
 
 def test_measured_selection_reverts_layers_when_the_whole_model_is_not_faster(monkeypatch):
     """The whole-model A/B check is the arbiter: a slower model loses its least gainful rewrites."""
-    from sconv_onnx import api
+    from sconv_onnx import revert
 
     verdicts = iter([1.2, 0.5])
-    monkeypatch.setattr(api, "_whole_model_ratio", lambda *args: next(verdicts))
+    monkeypatch.setattr(revert, "whole_model_ratio", lambda *args: next(verdicts))
     model = demo_cnn.build()
     _, report = sconv_onnx.optimize(model, select="measured", threads=1)
-    reverted = [layer for layer in report.plan.layers if layer.reason.startswith("reverted")]
-    assert reverted and all(not layer.rewritten for layer in reverted)
+    reverted = [layer for layer in report.plan.layers if layer.decided_by == "excluded"]
+    assert reverted and all(not layer.rewritten and layer.excluded for layer in reverted)
     assert report.plan.model_ratio == 0.5
     kept = [layer for layer in report.plan.layers if layer.rewritten]
     assert max(layer.measured_ratio for layer in kept) <= min(layer.measured_ratio for layer in reverted)

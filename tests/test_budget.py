@@ -8,11 +8,13 @@ import pytest
 from sconv_onnx.models import resnet
 
 import sconv_onnx
-from sconv_onnx.budget import Option, _greedy, candidate_sizes
+from sconv_onnx.budget import greedy
 from sconv_onnx.calibration import accuracy_proxy, run_batches, split_batches
 from sconv_onnx.cli import main
+from sconv_onnx.cost import OpCost
 from sconv_onnx.errors import InputError
-from sconv_onnx.plan import LayerPlan
+from sconv_onnx.passes.box.calibrate import candidate_sizes
+from sconv_onnx.plan import Candidate, Part
 
 
 def _plain_resnet18(size: str = "full") -> onnx.ModelProto:
@@ -35,8 +37,10 @@ def test_candidate_sizes():
     assert candidate_sizes((8, 4, 1, 3)) == [(4, 1, 2), (2, 1, 3), (2, 1, 2), (1, 1, 3), (1, 1, 2)]
 
 
-def _option(macs: int, error: float) -> Option:
-    return Option(LayerPlan("n", "Conv", (1,), macs_after=macs), np.zeros(1), error)
+def _option(macs: int, error: float) -> Candidate:
+    return Candidate("toy", "n", 0.5, (Part("layer", 1, (OpCost("Gemm", macs, 0.0),), 1),),
+                     approximate=True,
+                     output_error=error)
 
 
 def test_greedy_takes_the_least_error_per_mac_saved_until_the_target():
@@ -45,13 +49,13 @@ def test_greedy_takes_the_least_error_per_mac_saved_until_the_target():
         1: [_option(50, 0.3)],                     # 0.09 / 50 MACs
     }
     current = {0: (100, 0.0), 1: (100, 0.0)}
-    chosen, total = _greedy(options, dict(current), 200, target=170)
-    assert set(chosen) == {0} and chosen[0].macs == 60 and total == 160
+    chosen, total = greedy(options, dict(current), 200, target=170)
+    assert set(chosen) == {0} and chosen[0].macs() == 60 and total == 160
     # next: layer 1 (0.09 / 50 MACs) before layer 0's second step (0.24 / 40 MACs)
-    chosen, total = _greedy(options, dict(current), 200, target=150)
-    assert {i: o.macs for i, o in chosen.items()} == {0: 60, 1: 50} and total == 110
-    chosen, total = _greedy(options, dict(current), 200, target=10)  # unreachable: everything
-    assert {i: o.macs for i, o in chosen.items()} == {0: 20, 1: 50} and total == 70
+    chosen, total = greedy(options, dict(current), 200, target=150)
+    assert {i: o.macs() for i, o in chosen.items()} == {0: 60, 1: 50} and total == 110
+    chosen, total = greedy(options, dict(current), 200, target=10)  # unreachable: everything
+    assert {i: o.macs() for i, o in chosen.items()} == {0: 20, 1: 50} and total == 70
 
 
 def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error():
@@ -65,7 +69,7 @@ def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error()
     rewritten = report.plan.rewritten
     assert len(rewritten) >= 8
     for layer in rewritten:
-        assert layer.reason.startswith("budget: output error")
+        assert layer.decided_by == "budget" and layer.chosen.approximate
         assert 0 < layer.output_error < layer.output_error_weight_alpha
         assert layer.chosen.residual > 0.1  # plain weights: far from any structure
     # it runs, it was compared with the original, and the error is reported

@@ -44,12 +44,14 @@ def test_analyze_prints_table_and_json(demo_path, capsys):
     code, stdout, _ = run_cli(capsys, "analyze", demo_path)
     assert code == 0
     header = stdout.splitlines()[0].split()
-    assert header[:5] == ["node", "op", "weight", "structure", "residual"]
+    assert header[:6] == ["node", "op", "family", "weight", "structure", "residual"]
+    assert stdout.splitlines()[2].split()[:3] == ["conv3", "Conv", "box"]
     assert "TOTAL" in stdout
     code, stdout, _ = run_cli(capsys, "analyze", demo_path, "--json", "--tol", "1e-3")
     plan = json.loads(stdout)
     assert plan["tol"] == 1e-3
     assert plan["layers"][1]["best"]["label"] == "c=16 n=2x2"
+    assert plan["layers"][1]["best"]["family"] == "box" and plan["families"] == ["box"]
     assert plan["totals"]["rewritten"] == sum(layer["decision"] == "rewrite" for layer in plan["layers"])
 
 

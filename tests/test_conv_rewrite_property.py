@@ -1,8 +1,9 @@
 """Property tests: random Conv layers, rewritten and checked in onnxruntime.
 
 Exactly structured weights must be rewritten (the weight count drops to the
-structured count plus the pool's own constants) and match the original to
-1e-5 relative; the same layers with random weights must stay untouched.
+structured count plus the pool's own constants) and match the original
+within the rounding bound of both computations (:mod:`rounding`); the same
+layers with random weights must stay untouched.
 """
 
 import math
@@ -11,9 +12,11 @@ import os
 from conv_models import ConvSpec, make_model, make_weight, weight_elements
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from rounding import assert_within_rounding, layer_depth
 
 import sconv_onnx
 from sconv_onnx.structure import relative_residual
+from sconv_onnx.verify import random_feeds
 
 EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(
@@ -63,7 +66,13 @@ def conv_specs(draw, structured: bool = True) -> ConvSpec:
 def _optimize(spec: ConvSpec, **kwargs):
     model = make_model(spec)
     shapes = {"x": spec.input_shape} if spec.dynamic_batch else None
-    return model, *sconv_onnx.optimize(model, input_shapes=shapes, max_error=1e-5, **kwargs)
+    return model, *sconv_onnx.optimize(model, input_shapes=shapes, **kwargs)
+
+
+def _assert_exact(spec: ConvSpec, model, new, layer) -> None:
+    """The rewrite matches the original within both computations' rounding."""
+    feeds = random_feeds(model, {"x": spec.input_shape}, seed=spec.seed)
+    assert_within_rounding(model, new, feeds, layer_depth(layer), layer.chosen.rounding_depth)
 
 
 #: Kernels the issue names explicitly, always run whatever hypothesis draws.
@@ -93,29 +102,30 @@ def test_structured_layers_are_rewritten_and_exact(spec):
         assert not layer.rewritten
         return
     assert layer.rewritten, layer.reason
-    event(f"lowering {layer.lowering.label()}")
+    event(f"lowering {layer.chosen.lowering}")
     # fewest MACs: the built structure, or a coarser one that contains it (no channel
     # pooling when the pool costs more MACs than it saves; a window that tiles the
     # built one); whichever, the weight has it, checked here without the search
-    assert layer.chosen.sizes != trivial
-    assert relative_residual(make_weight(spec), layer.chosen.sizes) < 1e-6
+    sizes = layer.chosen.payload.sizes
+    assert sizes != trivial
+    assert relative_residual(make_weight(spec), sizes) < 1e-6
     # the original weight is gone; alpha has the structured count
     counts = weight_elements(new)
     assert "W" not in counts
     (alpha,) = [name for name in counts if name.endswith("sconv_alpha")]
-    assert counts[alpha] == spec.out_channels * math.prod(layer.chosen.sizes)
+    assert counts[alpha] == spec.out_channels * math.prod(sizes)
     bias = spec.out_channels if spec.bias else 0
     pool_constants = sum(n for name, n in counts.items() if "sconv_" in name and name != alpha)
     assert sum(counts.values()) == counts[alpha] + bias + pool_constants == layer.params_after
     assert layer.params_after < layer.params_before + pool_constants
-    # onnxruntime agrees to 1e-5 relative (optimize raised otherwise; check the report too)
-    assert report.max_rel_error <= 1e-5
+    # onnxruntime agrees within the rounding of both computations
+    _assert_exact(spec, model, new, layer)
     # model-level fields are kept
     assert new.ir_version == model.ir_version
     assert list(new.opset_import) == list(model.opset_import)
     assert [i.name for i in new.graph.input] == ["x"]
     assert [o.name for o in new.graph.output] == ["z"]
-    lowering = layer.lowering
+    lowering = layer.chosen.payload.lowering
     ops = [n.op_type for n in new.graph.node]
     if spec.opset >= 19 or (spec.dilations and any(d > 1 for d in spec.dilations)):
         assert "AveragePool" not in ops
@@ -141,33 +151,43 @@ def test_random_weights_are_left_untouched(spec):
 
 
 def _rewrite_with(spec: ConvSpec, lowering) -> tuple:
-    """Rewrite the single layer of ``spec`` with a forced lowering; return (original, rewritten)."""
-    import onnx_graphsurgeon as gs
+    """Rewrite the single layer of ``spec`` with a forced lowering; return the original, the
+    rewritten model and the layer's plan."""
+    from sconv_onnx import pipeline
+    from sconv_onnx.options import Options
 
-    from sconv_onnx.api import _all_names, _analyse
-    from sconv_onnx.modelio import restore_model_fields
-    from sconv_onnx.passes import structured_conv
-
-    shapes = {"x": spec.input_shape}
-    analysis = _analyse(make_model(spec), 1e-4, "all", shapes, None, strict=True)
-    ((rewrite_pass, site),), (layer,) = analysis.sites, analysis.plan.layers
-    options = structured_conv.lowering_options(site, layer.chosen)
-    layer.lowering = options[lowering % len(options)]
-    rewrite_pass.rewrite(site, layer, _all_names(analysis.graph), {})
-    new = gs.export_onnx(analysis.graph, do_type_check=False)
-    restore_model_fields(analysis.model, new)
-    return analysis.model, new, layer.lowering
+    options = Options(select="all")
+    analysis = pipeline.analyse(make_model(spec), options, {"x": spec.input_shape})
+    plan = pipeline.plan(analysis, options)
+    ((entry,), (layer,)) = analysis.entries, plan.layers
+    same = [c for c in entry.candidates if c.payload.sizes == layer.chosen.payload.sizes]
+    layer.chosen = same[lowering % len(same)]
+    return analysis.view.model, pipeline.rewrite(analysis, plan), layer
 
 
 @given(conv_specs(structured=True), st.integers(0, 5))
 @SETTINGS
 def test_every_valid_lowering_is_exact(spec, choice):
-    from sconv_onnx.verify import compare_outputs, random_feeds, run
-
     if spec.sizes == (spec.in_per_group,) + spec.kernel:
         return
-    original, new, lowering = _rewrite_with(spec, choice)
-    event(f"lowering {lowering.label()}")
-    feeds = random_feeds(original, {"x": spec.input_shape}, seed=spec.seed)
-    (error,) = compare_outputs(run(original, feeds), run(new, feeds))
-    assert error.max_rel <= 1e-5, (lowering, error)
+    original, new, layer = _rewrite_with(spec, choice)
+    event(f"lowering {layer.chosen.lowering}")
+    _assert_exact(spec, original, new, layer)
+
+
+def test_the_rounding_bound_catches_a_rewrite_off_by_one_part_in_a_thousand():
+    """A control: the bound is tight enough to see a small error in alpha."""
+    import numpy as np
+    import pytest
+    from onnx import numpy_helper
+
+    spec = ConvSpec(in_per_group=16, out_channels=16, group=1, kernel=(3, 3), spatial=(12, 12),
+                    pads=(1, 1, 1, 1), sizes=(8, 2, 2))
+    model, new, report = _optimize(spec, select="all")
+    (layer,) = report.plan.layers
+    _assert_exact(spec, model, new, layer)
+    alpha = next(init for init in new.graph.initializer if init.name.endswith("sconv_alpha"))
+    alpha.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(alpha) * np.float32(1.001),
+                                           alpha.name))
+    with pytest.raises(AssertionError, match="above the rounding bound"):
+        _assert_exact(spec, model, new, layer)

@@ -15,11 +15,13 @@ from conv_models import IR_FOR_OPSET, ConvSpec, make_model, make_weight, weight_
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from rounding import assert_within_rounding, layer_depth
 
 import sconv_onnx
-from sconv_onnx.passes.structured_conv_transpose import output_crops
+from sconv_onnx.passes.box.conv_transpose import output_crops
+from sconv_onnx.runtime import run
 from sconv_onnx.structure import relative_residual
-from sconv_onnx.verify import compare_outputs, random_feeds, run
+from sconv_onnx.verify import compare_outputs, random_feeds
 
 EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -75,7 +77,7 @@ def transpose_specs(draw, structured: bool = True) -> ConvSpec:
 def _optimize(spec: ConvSpec, **kwargs):
     model = make_model(spec)
     shapes = {"x": spec.input_shape} if spec.dynamic_batch else None
-    return model, *sconv_onnx.optimize(model, input_shapes=shapes, max_error=1e-5, **kwargs)
+    return model, *sconv_onnx.optimize(model, input_shapes=shapes, **kwargs)
 
 
 @given(transpose_specs(structured=True))
@@ -89,15 +91,16 @@ def test_structured_transpose_layers_are_rewritten_and_exact(spec):
         assert not layer.rewritten
         return
     assert layer.rewritten, layer.reason
-    event(f"lowering {layer.lowering.label()}")
-    assert layer.chosen.sizes != trivial
-    assert relative_residual(make_weight(spec), layer.chosen.sizes) < 1e-6
+    event(f"lowering {layer.chosen.lowering}")
+    assert layer.chosen.payload.sizes != trivial
+    assert relative_residual(make_weight(spec), layer.chosen.payload.sizes) < 1e-6
     counts = weight_elements(new)
     assert "W" not in counts
     (alpha,) = [name for name in counts if name.endswith("sconv_alpha")]
-    assert counts[alpha] == spec.in_per_group * spec.group * math.prod(layer.chosen.sizes)
+    assert counts[alpha] == spec.in_per_group * spec.group * math.prod(layer.chosen.payload.sizes)
     assert sum(counts.values()) == layer.params_after
-    assert report.max_rel_error <= 1e-5
+    feeds = random_feeds(model, {"x": spec.input_shape}, seed=spec.seed)
+    assert_within_rounding(model, new, feeds, layer_depth(layer), layer.chosen.rounding_depth)
     assert new.ir_version == model.ir_version
     assert [o.name for o in new.graph.output] == ["z"]
     ops = [n.op_type for n in new.graph.node if n.op_type != "Constant"]

@@ -12,8 +12,8 @@ from sconv_onnx.datafit import (
     sample_conv_patches,
     sample_rows,
 )
+from sconv_onnx.runtime import run
 from sconv_onnx.structure import box_basis, expand, fit_alpha
-from sconv_onnx.verify import run
 
 GEOMETRIES = [
     # channels, group, kernel, strides, dilations, pads, filters

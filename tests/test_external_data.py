@@ -20,11 +20,12 @@ from conv_models import ConvSpec, make_model
 from onnx import TensorProto, helper, numpy_helper
 from sconv_onnx.models.common import GraphBuilder, float_input, structured_weight
 
-from sconv_onnx import modelio, verify
+from sconv_onnx import modelio, runtime
 from sconv_onnx.api import optimize
 from sconv_onnx.errors import InputError
 from sconv_onnx.modelio import load_model, save_model, tensor_nbytes, weightless
-from sconv_onnx.verify import compare_outputs, random_feeds, run
+from sconv_onnx.runtime import run
+from sconv_onnx.verify import compare_outputs, random_feeds
 
 #: Bound on ``optimize``'s peak RSS increase, in multiples of the weights'
 #: size.  Measured with 210 MB of weights (8 convs 512x512x5x5, half of them
@@ -186,7 +187,7 @@ def test_models_above_the_protobuf_limit_are_written_and_run_with_external_data(
     monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 4096)
     source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_conv_chain(16, 3, "SR"), str(source))  # 19 KB: "above the limit"
-    sessions = _counting(monkeypatch, verify, "external_copy")
+    sessions = _counting(monkeypatch, runtime, "external_copy")
 
     code, _, err = run_cli(capsys, "optimize", source, out, "--no-external-data")
     assert code == 2

@@ -651,7 +651,7 @@ def _check_plan(case: FuzzCase, plan) -> None:
     for name, planted in case.planted.items():
         layer = layers[name]
         if layer.best is not None:
-            assert relative_residual(planted.weight, layer.best.sizes) < FOUND_RESIDUAL, (name, layer)
+            assert relative_residual(planted.weight, layer.best.payload.sizes) < FOUND_RESIDUAL, (name, layer)
         if planted.sizes is None:
             continue
         if not planted.findable:
@@ -674,10 +674,10 @@ def _events(case: FuzzCase, plan) -> None:
     if any(node.op_type == "If" for graph in branches for node in graph.node):
         event("has an If in an If")
     for layer in plan.rewritten:
-        event(f"rewritten {layer.op} {layer.lowering.label()}")
-        if "folds" in layer.reason:
+        event(f"rewritten {layer.op} {layer.chosen.lowering}")
+        if layer.folded:
             event("folds a BatchNormalization")
-        if "shares" in layer.reason:
+        if layer.shared:
             event("shares a pool")
 
 

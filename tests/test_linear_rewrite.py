@@ -1,15 +1,22 @@
 """Structured fully connected layers: Gemm (all attributes) and MatMul (any leading dims)."""
 
+import math
+import os
+
 import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from rounding import assert_within_rounding, layer_depth
 
 import sconv_onnx
 from sconv_onnx.structure import expand
+from sconv_onnx.verify import random_feeds
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: Examples per property: ``SCONV_PROPERTY_EXAMPLES`` when set, else 60.
+SETTINGS = settings(max_examples=int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "60")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def _weight(rng, out_features, in_features, under):
@@ -67,16 +74,20 @@ def matmul_cases(draw, structured=True):
 
 
 def _check_rewritten(model, under):
-    new, report = sconv_onnx.optimize(model, select="all", max_error=1e-5)
+    new, report = sconv_onnx.optimize(model, select="all")
     (layer,) = report.plan.layers
     assert layer.rewritten, layer.reason
     # a structure at c is also one at any c' whose window tiles c's: fewest is at most c
-    assert layer.chosen.channels <= under
+    assert layer.chosen.payload.structure.channels <= under
     alpha = [init for init in new.graph.initializer if init.name.endswith("sconv_alpha")]
-    assert len(alpha) == 1 and layer.chosen.channels in alpha[0].dims
+    assert len(alpha) == 1 and layer.chosen.payload.structure.channels in alpha[0].dims
     assert "W" not in {init.name for init in new.graph.initializer}
     assert "CumSum" in {node.op_type for node in new.graph.node}
-    assert report.max_rel_error <= 1e-5
+    # the plan counts every constant the rewrite writes
+    assert sum(math.prod(init.dims) for init in new.graph.initializer) == layer.params_after
+    feeds = random_feeds(model, {"x": tuple(d.dim_value for d in
+                                            model.graph.input[0].type.tensor_type.shape.dim)})
+    assert_within_rounding(model, new, feeds, layer_depth(layer), layer.chosen.rounding_depth)
 
 
 @given(gemm_cases())
@@ -110,7 +121,7 @@ def test_cost_model_rewrites_a_wide_structured_classifier_and_keeps_a_small_one(
                        [numpy_helper.from_array(weight, "W"),
                         numpy_helper.from_array(np.zeros(out_features, np.float32), "C")])
         layer = sconv_onnx.analyze(model).layers[0]
-        assert layer.best.channels == in_features // 2
+        assert layer.best.payload.structure.channels == in_features // 2
         assert layer.decision == expected, layer.reason
 
 

@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from sconv_onnx.cli import main
-from sconv_onnx.verify import compare_outputs, run
+from sconv_onnx.runtime import run
+from sconv_onnx.verify import compare_outputs
 
 
 def _packaged_model(package: str, version: str, path: str) -> str:

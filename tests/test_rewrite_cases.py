@@ -7,9 +7,9 @@ from conv_models import ConvSpec, make_model, weight_elements
 from onnx import helper, numpy_helper
 
 import sconv_onnx
-from sconv_onnx.passes import structured_conv
-from sconv_onnx.plan import Lowering
-from sconv_onnx.verify import compare_outputs, random_feeds, run
+from sconv_onnx.passes.box.conv import Lowering, lowering_options
+from sconv_onnx.runtime import run
+from sconv_onnx.verify import compare_outputs, random_feeds
 
 
 def _ops(model):
@@ -17,11 +17,14 @@ def _ops(model):
 
 
 def _site(spec):
-    from sconv_onnx.api import _analyse
+    """The site of ``spec``'s conv and the structure chosen for it at ``select="all"``."""
+    from sconv_onnx import pipeline
+    from sconv_onnx.options import Options
 
-    analysis = _analyse(make_model(spec), 1e-4, "all", {"x": spec.input_shape}, None, strict=True)
-    ((_, site),), (layer,) = analysis.sites, analysis.plan.layers
-    return site, layer
+    options = Options(select="all")
+    analysis = pipeline.analyse(make_model(spec), options, {"x": spec.input_shape})
+    (entry,), (layer,) = analysis.entries, pipeline.plan(analysis, options).layers
+    return entry.site, layer.chosen.payload.structure
 
 
 def test_wide_1d_conv_uses_cumsum_channel_pooling_and_2d_uses_the_matrix():
@@ -29,14 +32,14 @@ def test_wide_1d_conv_uses_cumsum_channel_pooling_and_2d_uses_the_matrix():
                     pads=(1, 1), sizes=(256, 2))
     new, report = sconv_onnx.optimize(make_model(spec))
     (layer,) = report.plan.layers
-    assert layer.rewritten and layer.lowering == Lowering("cumsum", "ones_conv")
+    assert layer.rewritten and layer.chosen.payload.lowering == Lowering("cumsum", "ones_conv")
     assert "CumSum" in _ops(new) and "AveragePool" not in _ops(new)
     assert report.max_rel_error < 1e-5
     # the same layer in 2-D stays in the NCHWc layout: matrix conv and AveragePool
     spec = ConvSpec(in_per_group=512, out_channels=512, group=1, kernel=(3, 3), spatial=(7, 7),
                     pads=(1, 1, 1, 1), sizes=(256, 2, 2))
     new, report = sconv_onnx.optimize(make_model(spec))
-    assert report.plan.layers[0].lowering == Lowering("matrix", "avgpool")
+    assert report.plan.layers[0].chosen.payload.lowering == Lowering("matrix", "avgpool")
     assert "CumSum" not in _ops(new)
 
 
@@ -45,25 +48,25 @@ def test_small_channel_counts_prefer_the_matrix_conv():
     spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(3, 3), spatial=(56, 56),
                     pads=(1, 1, 1, 1), sizes=(32, 2, 2))
     _, report = sconv_onnx.optimize(make_model(spec))
-    assert report.plan.layers[0].lowering == Lowering("matrix", "avgpool")
+    assert report.plan.layers[0].chosen.payload.lowering == Lowering("matrix", "avgpool")
 
 
 def test_no_avgpool_at_opset_19_or_with_dilation_or_large_pads():
     base = {"in_per_group": 4, "out_channels": 4, "group": 1, "kernel": (3, 3), "spatial": (12, 12),
             "sizes": (4, 2, 2)}
     for extra in ({"opset": 19}, {"dilations": (2, 2)}, {"pads": (2, 2, 2, 2)}):
-        site, layer = _site(ConvSpec(**{**base, **extra}))
-        options = structured_conv.lowering_options(site, layer.chosen)
+        site, structure = _site(ConvSpec(**{**base, **extra}))
+        options = lowering_options(site, structure)
         assert all(option.spatial == "ones_conv" for option in options), extra
-    site, layer = _site(ConvSpec(**base, pads=(1, 1, 1, 1)))
-    assert Lowering(None, "avgpool") in structured_conv.lowering_options(site, layer.chosen)
+    site, structure = _site(ConvSpec(**base, pads=(1, 1, 1, 1)))
+    assert Lowering(None, "avgpool") in lowering_options(site, structure)
 
 
 def test_grouped_channel_pooling_never_uses_cumsum_or_3d_pooling():
     spec = ConvSpec(in_per_group=8, out_channels=8, group=2, kernel=(3, 3), spatial=(8, 8),
                     pads=(1, 1, 1, 1), sizes=(4, 3, 3))
-    site, layer = _site(spec)
-    options = structured_conv.lowering_options(site, layer.chosen)
+    site, structure = _site(spec)
+    options = lowering_options(site, structure)
     assert options == [Lowering("matrix", None)]
     new, report = sconv_onnx.optimize(make_model(spec), select="all")
     assert "AveragePool" not in _ops(new) and "CumSum" not in _ops(new)
@@ -195,7 +198,7 @@ def test_default_tolerance_rejects_noisy_weights_and_loose_tolerance_takes_them(
     assert not report.plan.layers[0].rewritten
     _, report = sconv_onnx.optimize(model, select=select, tol=0.05)
     layer = report.plan.layers[0]
-    assert layer.rewritten and layer.chosen.sizes == (16, 2, 2)
+    assert layer.rewritten and layer.chosen.payload.sizes == (16, 2, 2)
     assert 0 < layer.chosen.residual < 0.05
     assert report.max_error is None and 0 < report.max_rel_error < 0.1
 
@@ -216,7 +219,7 @@ def test_float16_weights_are_solved_in_float64_and_written_back_in_float16():
     model = _as_float16(make_model(spec))
     new, report = sconv_onnx.optimize(model, select="all")
     (layer,) = report.plan.layers
-    assert layer.rewritten and layer.chosen.sizes == (4, 2, 2)
+    assert layer.rewritten and layer.chosen.payload.sizes == (4, 2, 2)
     # rounding to float16 alone leaves ~3e-4 residual: the tolerance floor for float16 admits it
     assert 1e-5 < layer.chosen.residual < 1e-3
     alpha = next(init for init in new.graph.initializer if init.name.endswith("sconv_alpha"))
@@ -239,7 +242,7 @@ def _as_bfloat16(model):
 
 def test_bfloat16_model_is_verified_widened_to_float32(tmp_path, capsys):
     from sconv_onnx.cli import main
-    from sconv_onnx.verify import WIDENED_NOTE, session
+    from sconv_onnx.runtime import WIDENED_NOTE, session
 
     spec = ConvSpec(in_per_group=8, out_channels=8, group=1, kernel=(3, 3), spatial=(10, 10),
                     pads=(1, 1, 1, 1), sizes=(4, 2, 2))

@@ -13,8 +13,9 @@ from conv_models import IR_FOR_OPSET
 from onnx import TensorProto, helper, numpy_helper
 
 import sconv_onnx
+from sconv_onnx.runtime import run
 from sconv_onnx.structure import expand
-from sconv_onnx.verify import compare_outputs, run
+from sconv_onnx.verify import compare_outputs
 
 OPSET = 17
 #: A 3x3 conv weight with 4 inputs, structured at c=2, n=2x2.

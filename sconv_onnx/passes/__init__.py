@@ -1,7 +1,12 @@
-"""Rewrite passes, one module per structure family (find -> plan -> rewrite)."""
+"""Structure families: one package or module per family, each a plug-in (:mod:`.base`).
 
-from . import structured_conv, structured_conv_transpose, structured_linear
+Registered here, in this order: ``box`` (:mod:`.box`, Structured Convolutions).
+"""
 
-PASSES = (structured_conv, structured_conv_transpose, structured_linear)
+from .base import Emitter, Family, LayerInfo, Site, register, registered, resolve, unregister
+from .box import BoxFamily
 
-__all__ = ["PASSES", "structured_conv", "structured_conv_transpose", "structured_linear"]
+BOX = register(BoxFamily())
+
+__all__ = ["BOX", "Emitter", "Family", "LayerInfo", "Site", "register", "registered", "resolve",
+           "unregister"]

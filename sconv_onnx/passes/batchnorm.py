@@ -57,18 +57,19 @@ def find_fold(graph: gs.Graph, layer: gs.Node, weight: np.ndarray,
     )
 
 
-def apply_fold(graph: gs.Graph, layer: gs.Node, fold: BatchNormFold, bias: gs.Constant) -> None:
-    """Give ``layer`` the folded ``bias`` and BN's output; remove the BN node."""
+def apply_fold(graph: gs.Graph, layer: gs.Node, bn: gs.Node, bias: gs.Constant) -> None:
+    """Give ``layer`` the folded ``bias`` and the output of ``bn`` (the BatchNormalization
+    that :func:`find_fold` found after it); remove ``bn`` from ``graph``."""
     old_bias = layer.inputs[2] if len(layer.inputs) > 2 else None
     if old_bias is None:
         layer.inputs.append(bias)
     else:
         layer.inputs[2] = bias
-    bn_inputs = list(fold.node.inputs[1:])
-    bn_out = fold.node.outputs[0]
-    fold.node.inputs.clear()
-    fold.node.outputs.clear()
-    graph.nodes.remove(fold.node)
+    bn_inputs = list(bn.inputs[1:])
+    bn_out = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    graph.nodes.remove(bn)
     layer.outputs[0] = bn_out
     for tensor in bn_inputs + ([old_bias] if old_bias is not None else []):
         drop_if_unused(graph, tensor)

@@ -29,7 +29,8 @@ bias alone where the original appends zeros.
 
 The spatial pool runs on the ``g c`` small channels, before the channel
 spread; the last node carries the bias and the original output tensor.
-Lowerings are fixed (``ones_conv`` spatial, ``matrix`` channel): any rank,
+Lowerings are fixed (:class:`.pools.SpatialPool` ``ones_conv``, then
+:class:`.pools.ChannelSpread`): any rank,
 dilation, group, opset and float dtype.  A BatchNormalization after a
 ConvTranspose is left in place: it scales the structured axis.
 """
@@ -38,33 +39,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import cost
-from ..lowering import NodeEmitter, channel_spread_matrix, emit_spatial_pool
-from ..plan import LayerPlan, Lowering, decide_by_cost
-from ..structure import effective_tol, fit_alpha, is_float_dtype, narrowest_dtype, search
-from .graphs import constant_value, drop_if_unused, stored_dtypes, walk
-from .structured_conv import PlanContext, int_attr_tuple, static_dims
+from ... import cost
+from ...plan import Candidate, Part
+from ...structure import (
+    Structure,
+    effective_tol,
+    fit_alpha,
+    is_float_dtype,
+    narrowest_dtype,
+    search,
+    windows,
+)
+from ..base import Emitter, LayerInfo
+from ..graphs import constant_value, drop_if_unused, stored_dtypes
+from .conv import BoxChoice, LayerSite, Lowering, int_attr_tuple, layer_name, static_dims
+from .pools import ChannelSpread, SpatialPool, count
 
 OP_TYPE = "ConvTranspose"
 
 
-@dataclass
-class TransposeSite:
+@dataclass(kw_only=True)
+class TransposeSite(LayerSite):
     """A ConvTranspose node, its constant weight and its output crops."""
 
-    graph: gs.Graph
-    node: gs.Node
-    name: str
-    weight: np.ndarray | None
-    bias_size: int
-    geometry: cost.TransposeGeometry | None
+    geometry: cost.TransposeGeometry | None = None
     dilations: tuple[int, ...] = ()
     #: ``(b_1..b_r, e_1..e_r)``: entries cut from the uncropped output's begin and end
     crops: tuple[int, ...] = ()
-    skip_reason: str | None = None
 
 
 def output_crops(
@@ -115,22 +118,22 @@ def output_crops(
     return tuple(begins + ends)
 
 
-def find(graph: gs.Graph, static_shapes: dict, concrete_shapes: dict, opset: int) -> list[TransposeSite]:
-    """Every ConvTranspose of ``graph`` and of its subgraphs."""
-    sites = []
-    for owner, node in walk(graph):
-        if node.op == OP_TYPE and node.domain in ("", "ai.onnx", None):
-            shapes = (static_shapes, concrete_shapes) if owner is graph else ({}, {})
-            sites.append(_site(owner, node, *shapes))
-    return sites
+def find(view, family: str) -> list[TransposeSite]:
+    """Every ConvTranspose of the model, subgraphs included."""
+    return [_site(family, owner, node, *view.shapes(owner))
+            for owner, node in view.nodes()
+            if node.op == OP_TYPE and node.domain in ("", "ai.onnx", None)]
 
 
-def _site(graph, node, static_shapes, concrete_shapes) -> TransposeSite:
-    name = node.name or node.outputs[0].name
+def _site(family, graph, node, static_shapes, concrete_shapes) -> TransposeSite:
     weight = constant_value(node.inputs[1])
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     bias = constant_value(node.inputs[2]) if has_bias else None
-    site = TransposeSite(graph, node, name, weight, int(bias.size) if bias is not None else 0, None)
+    info = LayerInfo(node.outputs[0].name, layer_name(node), node.op,
+                     tuple(weight.shape) if weight is not None else (),
+                     int(node.attrs.get("group", 1)))
+    site = TransposeSite(family=family, layers=(info,), graph=graph, node=node, weight=weight,
+                         bias_size=int(bias.size) if bias is not None else 0)
     if weight is None:
         site.skip_reason = "weight is not a constant"
         return site
@@ -157,7 +160,7 @@ def _site(graph, node, static_shapes, concrete_shapes) -> TransposeSite:
     site.crops = crops
     concrete_in = static_dims(concrete_shapes.get(x_name))
     concrete_out = static_dims(concrete_shapes.get(y_name))
-    site.geometry = cost.TransposeGeometry(
+    geom = site.geometry = cost.TransposeGeometry(
         in_channels=weight.shape[0],
         out_channels_per_group=weight.shape[1],
         group=int(node.attrs.get("group", 1)),
@@ -166,115 +169,114 @@ def _site(graph, node, static_shapes, concrete_shapes) -> TransposeSite:
         in_spatial=concrete_in[2:] if concrete_in else None,
         out_spatial=concrete_out[2:] if concrete_out else None,
     )
+    site.layers = (LayerInfo(
+        info.key, info.node, info.op, info.weight_shape, info.group,
+        weight_dtype=narrowest_dtype(weight.dtype, *stored_dtypes(node.inputs[1])),
+        params_before=int(weight.size) + site.bias_size,
+        ops=(cost.conv_transpose_op(geom, geom.out_channels_per_group, kernel),),
+        positions=geom.positions,
+    ),)
     return site
 
 
-def _lowering(geom: cost.TransposeGeometry, sizes: tuple[int, ...]) -> Lowering:
-    return Lowering(
-        "matrix" if sizes[0] != geom.out_channels_per_group else None,
-        "ones_conv" if tuple(sizes[1:]) != geom.kernel else None,
-    )
+@dataclass(frozen=True)
+class TransposeLowered:
+    """The pieces of ``site`` rewritten at ``sizes``: the small ConvTranspose's crops, the
+    spatial pool (None when ``n = K``) and the channel spread (None when ``c = C``)."""
+
+    small_crops: tuple[int, ...]
+    spatial: SpatialPool | None
+    spread: ChannelSpread | None
+
+    @classmethod
+    def of(cls, site: TransposeSite, sizes: tuple[int, ...]) -> TransposeLowered:
+        geom = site.geometry
+        rank = len(geom.kernel)
+        under_c, under_k = sizes[0], tuple(sizes[1:])
+        widths = [(k - n) * d for k, n, d in zip(geom.kernel, under_k, site.dilations)]
+        begins, ends = list(site.crops[:rank]), list(site.crops[rank:])
+        small_crops = [max(0, b - w) for b, w in zip(begins, widths)] + [
+            max(0, e - w) for e, w in zip(ends, widths)]
+        pads = tuple(w - b + q for w, b, q in zip(widths + widths, begins + ends, small_crops))
+        spatial = spread = None
+        if under_k != geom.kernel:
+            spatial = SpatialPool("ones_conv", geom.group * under_c, windows(geom.kernel, under_k),
+                                  site.dilations, pads)
+            pads = (0,) * (2 * rank)
+        if under_c != geom.out_channels_per_group:
+            spread = ChannelSpread(geom.group, geom.out_channels_per_group, under_c, rank, pads)
+        return cls(tuple(small_crops), spatial, spread)
 
 
-def plan(site: TransposeSite, context: PlanContext) -> LayerPlan:
-    """The structure of least predicted cost (fewest MACs for ``select="all"``).
+def alpha_shape(site: TransposeSite, structure: Structure) -> tuple[int, ...]:
+    """The small ConvTranspose's weight as :func:`emit` writes it: ``(C_in, c, n_1, .., n_r)``."""
+    return (site.geometry.in_channels, *structure.sizes)
 
-    ``select="measured"`` has no single-layer timing for ConvTranspose yet
-    and decides by the cost model (said in the reason).
-    """
-    node = site.node
-    layer = LayerPlan(node=site.name, op=node.op, group=int(node.attrs.get("group", 1)),
-                      weight_shape=tuple(site.weight.shape) if site.weight is not None else ())
-    if site.skip_reason:
-        layer.reason = site.skip_reason
-        return layer
-    geom = site.geometry
-    layer.params_before = int(site.weight.size) + site.bias_size
-    before = cost.transpose_ops(geom, None)
-    layer.cost_before = cost.total_cost(geom, before)
-    layer.macs_before = cost.total_macs(geom, before)
-    layer.weight_dtype = narrowest_dtype(site.weight.dtype, *stored_dtypes(site.node.inputs[1]))
-    tol = effective_tol(context.tol, layer.weight_dtype)
+
+def candidate(site: TransposeSite, structure: Structure, family: str) -> Candidate:
+    """``structure`` as a :class:`~sconv_onnx.plan.Candidate`: the small ConvTranspose, then
+    the transposed sum-pool."""
+    geom, sizes = site.geometry, structure.sizes
+    lowered = TransposeLowered.of(site, sizes)
+    under_k = tuple(sizes[1:])
+    small = cost.conv_transpose_op(geom, sizes[0], under_k,
+                                   kind="small" if under_k != geom.kernel else "dense")
+    pieces = [("conv", small, count([alpha_shape(site, structure)]) + site.bias_size)]
+    depth = 1 + structure.dof
+    for kind, step, op in (("spatial pool", lowered.spatial, lambda s: s.op(1.0)),
+                           ("channel spread", lowered.spread, lambda s: s.op())):
+        if step is not None:
+            pieces.append((kind, op(step), count(step.constant_shapes())))
+            depth += step.depth
+    parts = tuple(Part(kind, params, (op,), geom.positions) for kind, op, params in pieces)
+    lowering = Lowering("matrix" if lowered.spread else None,
+                        "ones_conv" if lowered.spatial else None)
+    return Candidate(family=family, label=structure.label(), residual=structure.residual,
+                     parts=parts, lowering=lowering.label(), payload=BoxChoice(structure, lowering),
+                     rounding_depth=depth)
+
+
+def candidates(site: TransposeSite, tol: float, family: str) -> list[Candidate]:
+    """Every structure within ``tol``, fewest degrees of freedom first (one lowering each)."""
+    tol = effective_tol(tol, site.layer.weight_dtype)
     trivial = tuple(site.weight.shape[1:])
-    nontrivial = [s for s in search(site.weight, tol) if s.sizes != trivial]
-    if not nontrivial:
-        layer.reason = f"no structure within tol {tol:g}"
-        return layer
-    layer.best = nontrivial[0]
-    scored = []
-    for structure in nontrivial:
-        ops = cost.transpose_ops(geom, structure.sizes)
-        macs = sum(op.macs for op in ops)
-        scored.append((cost.total_cost(geom, ops), macs, structure, ops))
-    scored.sort(key=lambda item: (item[1], item[0]) if context.select == "all" else item[:2])
-    predicted, _, structure, ops = scored[0]
-    layer.chosen, layer.lowering, layer.cost_after = structure, _lowering(geom, structure.sizes), predicted
-    layer.macs_after = cost.total_macs(geom, ops)
-    layer.params_after = _params_after(site, structure.sizes)
-    note = " (not measured: no single-layer timing for ConvTranspose)" if (
-        context.select == "measured") else ""
-    decide_by_cost(layer, context.select, cost.GAIN_MARGIN, note)
-    return layer
+    return [candidate(site, structure, family)
+            for structure in search(site.weight, tol) if structure.sizes != trivial]
 
 
-def _params_after(site: TransposeSite, sizes: tuple[int, ...]) -> int:
-    geom = site.geometry
-    small_channels = geom.group * sizes[0]
-    count = geom.in_channels * int(np.prod(sizes)) + site.bias_size
-    if tuple(sizes[1:]) != geom.kernel:
-        count += small_channels * int(np.prod([k - n + 1 for k, n in zip(geom.kernel, sizes[1:])]))
-    if sizes[0] != geom.out_channels_per_group:
-        count += geom.out_channels * sizes[0]
-    return count
-
-
-def rewrite(site: TransposeSite, layer: LayerPlan, taken_names: set[str], pools: dict) -> None:
+def emit(site: TransposeSite, choice: BoxChoice, emitter: Emitter) -> None:
     """Turn ``site``'s node into the small ConvTranspose and emit the pools after it.
 
     The node keeps its name; the last emitted node takes over its output
-    tensor and its bias.  ``pools`` is not used: no two ConvTranspose
-    layers share a pool (it follows each of them).
+    tensor and its bias.  No pool is shared: each follows its own layer.
     """
-    node, geom, sizes = site.node, site.geometry, layer.chosen.sizes
+    node, graph = emitter.node(site.node), emitter.graph_of(site.node)
+    geom, sizes = site.geometry, choice.structure.sizes
     dtype = site.weight.dtype
-    rank = len(geom.kernel)
-    under_c, under_k = sizes[0], tuple(sizes[1:])
-    widths = [(k - n) * d for k, n, d in zip(geom.kernel, under_k, site.dilations)]
-    begins, ends = site.crops[:rank], site.crops[rank:]
-    small_crops = [max(0, b - w) for b, w in zip(begins, widths)] + [
-        max(0, e - w) for e, w in zip(ends, widths)]
-    pool_pads = [w - b + q for w, b, q in zip(widths + widths, begins + ends, small_crops)]
-
-    emitter = NodeEmitter(site.graph, node, site.name, taken_names)
+    lowered = TransposeLowered.of(site, sizes)
+    at = emitter.at(site.node, site.name)
     old_weight = node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
     output = node.outputs[0]
-    small = gs.Variable(emitter.name("small_out"))
+    small = gs.Variable(at.name("small_out"))
     node.outputs[0] = small
     while len(node.inputs) > 2:
         node.inputs.pop()
-    node.inputs[1] = emitter.constant("alpha", fit_alpha(site.weight, sizes).astype(dtype))
+    alpha = fit_alpha(site.weight, sizes)
+    assert alpha.shape == alpha_shape(site, choice.structure)
+    node.inputs[1] = at.constant("alpha", alpha.astype(dtype))
     for key in ("auto_pad", "output_padding", "output_shape"):
         node.attrs.pop(key, None)
-    node.attrs.update(kernel_shape=list(under_k), pads=small_crops, strides=list(geom.strides),
-                      dilations=list(site.dilations), group=geom.group)
-
+    node.attrs.update(kernel_shape=list(sizes[1:]), pads=list(lowered.small_crops),
+                      strides=list(geom.strides), dilations=list(site.dilations), group=geom.group)
     x = small
-    spread = under_c != geom.out_channels_per_group
-    if under_k != geom.kernel:
-        pooled = geom.group * under_c
-        window = tuple(k - n + 1 for k, n in zip(geom.kernel, under_k))
-        x = emit_spatial_pool(emitter, x, "ones_conv", pooled, window, site.dilations,
-                              tuple(pool_pads), dtype, bias=None if spread else bias,
-                              output=None if spread else output)
-        pool_pads = [0] * (2 * rank)
-    if spread:
-        matrix = emitter.constant("channel_spread", channel_spread_matrix(
-            geom.group, geom.out_channels_per_group, under_c, rank, dtype))
-        inputs = [x, matrix] + ([bias] if bias is not None else [])
-        attrs = {"group": geom.group, "kernel_shape": [1] * rank, "pads": pool_pads}
-        emitter.node("Conv", "channel_spread", inputs, attrs, output=output)
+    if lowered.spatial is not None:
+        last = lowered.spread is None
+        x = lowered.spatial.emit(at, x, dtype, bias=bias if last else None,
+                                 output=output if last else None)
+    if lowered.spread is not None:
+        lowered.spread.emit(at, x, dtype, bias, output)
     # the small ConvTranspose must run first: move it before the nodes just emitted
-    site.graph.nodes.remove(node)
-    site.graph.nodes.insert(site.graph.nodes.index(small.outputs[0]), node)
-    drop_if_unused(site.graph, old_weight)
+    graph.nodes.remove(node)
+    graph.nodes.insert(graph.nodes.index(small.outputs[0]), node)
+    drop_if_unused(graph, old_weight)

@@ -1,0 +1,233 @@
+"""Orchestration: load -> find -> candidates -> (calibrate) -> select -> rewrite -> verify.
+
+One direction of flow (docs/DESIGN.md section 3).  :func:`analyse` does the
+expensive, decision-free part once per run: shapes, the graph view, every
+family's sites and candidates, and their output errors on calibration
+data.  :func:`plan` (the selector) and :func:`rewrite` are then cheap, so
+that ``select="measured"`` can re-plan after its whole-model check
+(:mod:`sconv_onnx.revert`) without re-reading, re-importing or re-searching
+anything.  :func:`optimize` is the whole run behind
+:func:`sconv_onnx.optimize`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import revert
+from .calibration import accuracy_proxy, load_calibration, run_batches, sample_tensors
+from .errors import InputError, VerificationError, first_line
+from .measure import Measurer
+from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
+from .options import DEFAULT_TOL, Options, default_max_error
+from .passes import resolve
+from .passes.base import Emitter
+from .plan import Plan
+from .report import Report
+from .runtime import run
+from .select import Settings, SiteEntry, select
+from .shapes import (
+    ResolvedShapes,
+    infer_tensor_shapes,
+    load_inputs_file,
+    parse_shape_hints,
+    resolve_input_shapes,
+)
+from .stats import model_stats
+from .verify import check_feeds, compare_outputs, random_feeds
+from .view import ModelView
+
+
+@dataclass
+class Analysis:
+    """A model, its view, and every family's sites with their candidates (decision-free)."""
+
+    view: ModelView
+    #: the names of the families asked, in order
+    families: tuple[str, ...]
+    entries: list[SiteEntry]
+    shapes: ResolvedShapes
+    feeds: dict | None
+    #: the calibration data, split into runnable batches (None without)
+    batches: list[dict] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def verification_feeds(self, seed: int) -> dict:
+        """The user's inputs, or seeded random ones at the resolved shapes."""
+        return self.feeds or random_feeds(self.view.model, self.shapes.shapes, seed)
+
+
+def resolve_inputs(model: onnx.ModelProto, input_shapes, inputs,
+                   strict: bool) -> tuple[dict | None, ResolvedShapes]:
+    """User arrays (from a dict or an ``.npz``) and the concrete input shapes."""
+    feeds = None
+    if inputs is not None:
+        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        feeds = check_feeds(model, feeds)
+    hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
+    return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
+
+
+def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=None,
+            strict: bool = True, batches: list[dict] | None = None) -> Analysis:
+    """Shapes, the graph view, each family's sites and candidates; with calibration
+    ``batches``, the candidates' output errors (and a budget's approximate candidates)."""
+    feeds, shapes = resolve_inputs(model, input_shapes, inputs, strict)
+    view = ModelView.of(model, shapes.shapes)
+    families = resolve(options.families)
+    entries = [SiteEntry(family, site, family.candidates(site, float(options.tol)))
+               for family in families for site in family.find(view)]
+    analysis = Analysis(view, tuple(family.name for family in families), entries, shapes, feeds,
+                        batches, list(shapes.notes))
+    if batches is not None:
+        calibrate(analysis, options)
+    return analysis
+
+
+def calibrate(analysis: Analysis, options: Options) -> None:
+    """Sample every site's calibration request in one pass over the batches, then let each
+    family score (and, for a budget, extend) its candidates."""
+    wanted = [(entry, entry.family.calibration(entry.site, options.seed))
+              for entry in analysis.entries]
+    wanted = [(entry, request) for entry, request in wanted if request is not None]
+    samples = sample_tensors(analysis.view.model, analysis.batches,
+                             [(request.tensor, request.sampler) for _, request in wanted])
+    for (entry, _), sample in zip(wanted, samples):
+        entry.candidates = entry.family.calibrate(
+            entry.site, entry.candidates, sample, options.target_macs is not None, options.alpha_fit)
+
+
+def plan(analysis: Analysis, options: Options, excluded: dict[str, str] | None = None,
+         measurer: Measurer | None = None) -> Plan:
+    """The selector's decisions (:func:`sconv_onnx.select.select`)."""
+    settings = Settings(float(options.tol), options.select, options.target_macs,
+                        options.alpha_fit if options.target_macs is not None else None)
+    decided = select(analysis.entries, settings, excluded, measurer)
+    decided.families = analysis.families
+    return decided
+
+
+def rewrite(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """The model with every rewrite of ``plan`` emitted (on a copy of the graph view);
+    with none, the analysed model itself."""
+    if not plan.rewritten:
+        return analysis.view.model
+    chosen = {layer.key: layer.chosen for layer in plan.rewritten}
+    emitter = Emitter(analysis.view.graph)
+    for entry in analysis.entries:
+        candidate = chosen.get(entry.site.layers[0].key)
+        mine = candidate is not None and any(candidate is own for own in entry.candidates)
+        if mine and all(chosen.get(info.key) is candidate for info in entry.site.layers):
+            entry.family.emit(entry.site, candidate, emitter)
+    rewritten = gs.export_onnx(emitter.graph, do_type_check=False)
+    restore_model_fields(analysis.view.model, rewritten)
+    return rewritten
+
+
+def model_stats_of(model: onnx.ModelProto, shapes: dict):
+    """:func:`~sconv_onnx.stats.model_stats` of ``model``, read on its weightless copy.
+
+    ``ByteSize`` serializes the whole model (and fails above 2 GiB); the
+    copy has the same ops and tensor dims, and knows the size.
+    """
+    skeleton = weightless(model)
+    stats = model_stats(skeleton.model, shapes)
+    stats.size = skeleton.serialized_size
+    return stats
+
+
+def verify_outputs(original, rewritten, feeds: dict, notes: list[str]):
+    """Per-output errors of ``rewritten`` against ``original`` (a ``ModelProto`` or a path).
+
+    How they were run, when it matters (bfloat16 widened), goes to ``notes``.
+    """
+    try:
+        reference = run(original, feeds, notes)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise InputError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
+    try:
+        candidate = run(rewritten, feeds, notes)
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
+        raise VerificationError(
+            f"verification failed: the rewritten model does not run: {first_line(exc)}"
+        ) from None
+    return compare_outputs(reference, candidate)
+
+
+def calibration_batches(model: onnx.ModelProto, calib_data, inputs):
+    """``(calibration batches or None, inputs)``: without ``inputs`` of their own, the
+    first calibration batch resolves the shapes and is verified on."""
+    if calib_data is None:
+        return None, inputs
+    batches = load_calibration(model, calib_data)
+    return batches, batches[0] if inputs is None else inputs
+
+
+def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
+             verify: bool = True, max_error: float | None = None,
+             calib_data=None) -> tuple[onnx.ModelProto, Report]:
+    """Load, plan, rewrite and verify a model; see :func:`sconv_onnx.optimize`.
+
+    A model given as a path is run by onnxruntime from its file (no copy of
+    its weights); a ``ModelProto`` is copied first, never modified.  With
+    ``select="measured"``, the whole-model check may exclude layers and plan
+    again (:mod:`sconv_onnx.revert`); the analysis is not repeated.
+    """
+    source = load_model(model_or_path)  # the only reference: freed before verification
+    given = isinstance(model_or_path, onnx.ModelProto)
+    if given:
+        # graphsurgeon's export writes into tensors it imported lazily (a Constant node's
+        # value): work on a copy, so that the caller's model is never modified
+        duplicate = onnx.ModelProto()
+        duplicate.CopyFrom(source)
+        source = duplicate
+    batches, inputs = calibration_batches(source, calib_data, inputs)
+    runnable = source if given else model_or_path
+    analysis = analyse(source, options, input_shapes, inputs, strict=verify, batches=batches)
+    measurer = Measurer(threads=options.threads) if options.select == "measured" else None
+    excluded: dict[str, str] = {}
+    while True:
+        decided = plan(analysis, options, excluded, measurer)
+        rewritten = rewrite(analysis, decided)
+        if measurer is None or not decided.rewritten:
+            break
+        decided.model_ratio = revert.whole_model_ratio(
+            runnable, rewritten, analysis.verification_feeds(options.seed), measurer.threads)
+        if decided.model_ratio <= revert.WHOLE_MODEL_MARGIN:
+            break
+        revert.exclude_least_gainful(decided, decided.model_ratio, excluded)
+    if max_error is None and options.tol <= DEFAULT_TOL and options.target_macs is None:
+        max_error = default_max_error(source, decided)
+    report = Report(
+        plan=decided,
+        before=model_stats_of(source, analysis.view.concrete_shapes),
+        after=model_stats_of(rewritten, infer_tensor_shapes(rewritten, analysis.shapes.shapes)),
+        input_shapes=dict(analysis.shapes.shapes),
+        notes=analysis.notes + decided.notes,
+        max_error=max_error,
+    )
+    feeds = analysis.verification_feeds(options.seed) if verify else None
+    # The graph view holds its own copy of every weight a family read and is cyclic (nodes and
+    # tensors point at each other): for a large model, collect it and drop the loaded model
+    # before onnxruntime loads the models (a path input is run from its file).  A collection
+    # takes ~0.1 s in a busy process: not worth it for a small one.
+    del source, analysis
+    if report.before.size > LARGE_MODEL_BYTES:
+        gc.collect()
+    if verify:
+        report.errors = verify_outputs(runnable, rewritten, feeds, report.notes)
+        if batches is not None:
+            report.calibration = accuracy_proxy(run_batches(runnable, batches),
+                                                run_batches(rewritten, batches))
+        if not report.verified:
+            raise VerificationError(
+                f"verification failed: max relative error {report.max_rel_error:.3g} "
+                f"exceeds {max_error:g}",
+                report,
+            )
+    return rewritten, report

@@ -1,0 +1,54 @@
+"""The whole-model check that ends ``select="measured"``, and what it reverts.
+
+Layers whose single-layer timing won can still lose inside the network
+(caches, layouts, scheduling): the whole model is the arbiter.  After each
+rewrite, the original and the rewritten model run side by side
+(:data:`WHOLE_MODEL_RUNS` rounds, :mod:`sconv_onnx.bench` rules).  Above
+:data:`WHOLE_MODEL_MARGIN`, the half of the rewritten layers with the least
+gain (measured, else predicted) is excluded, and the model is planned and
+rewritten again.  Excluded layers stay excluded (the selector keeps them,
+whatever their family, and a MAC budget never picks them), so the loop ends
+after at most as many rounds as there are layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from .bench import bench
+from .plan import Plan
+
+#: Rounds of the whole-model A/B check.
+WHOLE_MODEL_RUNS = 20
+#: The whole rewritten model must measure below this fraction of the original.
+#: Looser than the per-layer margin: the layers' gains add up, and a model
+#: only a few percent faster (MobileNetV2) must not be reverted by noise.
+WHOLE_MODEL_MARGIN = 0.99
+
+
+def whole_model_ratio(original: onnx.ModelProto | str | os.PathLike, rewritten: onnx.ModelProto,
+                      feeds: dict, threads: int) -> float:
+    """Median per-round time ratio rewritten/original, side by side."""
+    result = bench([original, rewritten], feeds, threads=threads, runs=WHOLE_MODEL_RUNS, warmup=3)
+    return result.ratios[1]
+
+
+def gain(layer) -> float:
+    """A rewritten layer's time ratio: measured when it was, else predicted (lower: more gain)."""
+    if layer.measured_ratio is not None:
+        return layer.measured_ratio
+    if layer.cost_before:
+        return layer.cost_after / layer.cost_before
+    return 1.0
+
+
+def exclude_least_gainful(plan: Plan, ratio: float, excluded: dict[str, str]) -> None:
+    """Add the half of ``plan``'s rewritten layers with the least gain (at least one) to
+    ``excluded`` (layer key -> reason)."""
+    rewritten = sorted(plan.rewritten, key=gain, reverse=True)
+    for layer in rewritten[: max(1, len(rewritten) // 2)]:
+        excluded[layer.key] = (
+            f"reverted: the whole model ran {ratio:.2f}x with {len(rewritten)} layers rewritten"
+        )

@@ -25,8 +25,9 @@ from .verify import compare_outputs, random_feeds
 def _options(tol, select, families, target_macs, alpha_fit, seed, threads,
              calib_data) -> Options:
     if isinstance(families, str):
-        families = tuple(name.strip() for name in families.split(","))
-    options = Options(tol=tol, select=select, families=tuple(families) if families else None,
+        families = families.split(",")
+    options = Options(tol=tol, select=select,
+                      families=None if families is None else tuple(families),
                       target_macs=target_macs, alpha_fit=alpha_fit, seed=seed, threads=threads)
     return options.check(calibration=calib_data is not None)
 
@@ -59,7 +60,7 @@ def analyze(
     batches, inputs = pipeline.calibration_batches(model, calib_data, inputs)
     analysis = pipeline.analyse(model, options, input_shapes, inputs, strict=False, batches=batches)
     measurer = Measurer(threads=threads) if options.select == "measured" else None
-    return pipeline.plan(analysis, options, measurer=measurer)
+    return pipeline.plan(analysis, measurer=measurer)
 
 
 def optimize(

@@ -1,4 +1,4 @@
-"""The ``sconv-onnx`` command: optimize, analyze, verify, bench, demo.
+"""The ``sconv-onnx`` command: optimize, analyze, verify, bench, families, demo.
 
 Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad input or
 usage (one line on stderr); 3 internal error (one line; set
@@ -20,9 +20,9 @@ from .bench import default_threads, format_result
 from .errors import InputError, SconvError, VerificationError, first_line
 from .modelio import check_output_path, save_model, write_atomic
 from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL
-from .passes import registered
+from .passes import registered, resolve
 from .plan import SELECT_MODES
-from .report import layer_table
+from .report import layer_table, table
 
 PROG = "sconv-onnx"
 
@@ -131,6 +131,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--profile", action="store_true",
                      help="add a per-op-type breakdown from onnxruntime's profiler")
     ben.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    commands.add_parser("families", help="list the structure families --families can name")
 
     demo = commands.add_parser("demo", help="build the bundled example CNN, optimize and verify it")
     demo.add_argument("--out", metavar="DIR", default=None,
@@ -249,8 +251,15 @@ def _demo(args) -> int:
     ))
 
 
+def _families(args) -> int:
+    rows = [[family.name, family.description] for family in resolve()]
+    print(table(["family", "rewrites"], rows))
+    return 0
+
+
 _COMMANDS = {
     "optimize": _optimize, "analyze": _analyze, "verify": _verify, "bench": _bench, "demo": _demo,
+    "families": _families,
 }
 
 

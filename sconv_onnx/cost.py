@@ -85,6 +85,14 @@ class ConvGeometry:
         """Output positions at batch 1, when the output shape is known."""
         return math.prod(self.out_spatial) if self.out_spatial is not None else None
 
+    @property
+    def input_positions(self) -> float:
+        """Input positions per output position: exact when both sizes are known, else
+        ``prod(strides)`` (exact for SAME padding)."""
+        if self.in_spatial is None or self.out_spatial is None:
+            return float(math.prod(self.strides))
+        return math.prod(self.in_spatial) / max(1, math.prod(self.out_spatial))
+
     def pooled_spatial(self, window: tuple[int, ...]) -> tuple[int, ...] | None:
         """Spatial size of a stride-1 sum-pool over ``window`` with the layer's pads and
         dilations (the small conv's input), when the input size is known."""
@@ -133,9 +141,9 @@ def conv_op(out_channels: int, in_per_group: int, in_channels: int, kernel: tupl
             in_positions: float, out_positions: float = 1.0, kind: str = "dense",
             op: str = "Conv") -> OpCost:
     """A convolution, per output position of the layer: it writes ``out_channels`` at
-    ``out_positions`` and reads ``in_channels`` at ``in_positions`` (element counts per
-    output position of the layer; a 1x1 conv over a pooled map, or the layer itself with
-    ``in_positions = prod(strides)``)."""
+    ``out_positions`` and reads ``in_channels`` at ``in_positions`` (positions per output
+    position of the layer: a 1x1 conv over the input runs at ``in_positions =
+    out_positions =`` :attr:`ConvGeometry.input_positions`)."""
     return OpCost(op, macs.conv(out_channels * out_positions, in_per_group, kernel),
                   in_channels * in_positions + out_channels * out_positions, kind)
 
@@ -155,7 +163,7 @@ def cumsum_op(inputs: float, nodes: int) -> OpCost:
 def original_ops(geom: ConvGeometry) -> list[OpCost]:
     """The untouched Conv."""
     return [conv_op(geom.out_channels, geom.in_channels_per_group, geom.in_channels, geom.kernel,
-                    math.prod(geom.strides))]
+                    geom.input_positions)]
 
 
 def total_cost(positions: int | None, ops) -> float:

@@ -8,6 +8,7 @@ import onnx
 
 from .budget import ALPHA_FITS
 from .errors import InputError
+from .passes import resolve
 from .plan import SELECT_MODES, Plan, SelectMode
 
 #: Default bound on each layer's relative weight residual: exact structure.
@@ -50,6 +51,8 @@ class Options:
                 raise InputError("--target-macs needs --calib-data (a batch of real inputs, .npz)")
         if self.alpha_fit not in ALPHA_FITS:
             raise InputError(f"--alpha-fit must be one of {', '.join(ALPHA_FITS)}, got {self.alpha_fit!r}")
+        if self.families is not None:
+            resolve(self.families)  # unknown or no names: an InputError before any work
         return self
 
 

@@ -27,6 +27,7 @@ from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weight
 from .options import DEFAULT_TOL, Options, default_max_error
 from .passes import resolve
 from .passes.base import Emitter
+from .passes.graphs import is_sorted
 from .plan import Plan
 from .report import Report
 from .runtime import run
@@ -48,6 +49,8 @@ class Analysis:
     """A model, its view, and every family's sites with their candidates (decision-free)."""
 
     view: ModelView
+    #: the settings the candidates were made with (their tolerance, families, budget)
+    options: Options
     #: the names of the families asked, in order
     families: tuple[str, ...]
     entries: list[SiteEntry]
@@ -82,16 +85,17 @@ def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=
     families = resolve(options.families)
     entries = [SiteEntry(family, site, family.candidates(site, float(options.tol)))
                for family in families for site in family.find(view)]
-    analysis = Analysis(view, tuple(family.name for family in families), entries, shapes, feeds,
-                        batches, list(shapes.notes))
+    analysis = Analysis(view, options, tuple(family.name for family in families), entries, shapes,
+                        feeds, batches, list(shapes.notes))
     if batches is not None:
-        calibrate(analysis, options)
+        calibrate(analysis)
     return analysis
 
 
-def calibrate(analysis: Analysis, options: Options) -> None:
+def calibrate(analysis: Analysis) -> None:
     """Sample every site's calibration request in one pass over the batches, then let each
     family score (and, for a budget, extend) its candidates."""
+    options = analysis.options
     wanted = [(entry, entry.family.calibration(entry.site, options.seed))
               for entry in analysis.entries]
     wanted = [(entry, request) for entry, request in wanted if request is not None]
@@ -102,19 +106,25 @@ def calibrate(analysis: Analysis, options: Options) -> None:
             entry.site, entry.candidates, sample, options.target_macs is not None, options.alpha_fit)
 
 
-def plan(analysis: Analysis, options: Options, excluded: dict[str, str] | None = None,
+def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
          measurer: Measurer | None = None) -> Plan:
-    """The selector's decisions (:func:`sconv_onnx.select.select`)."""
+    """The selector's decisions (:func:`sconv_onnx.select.select`), with the settings the
+    analysis was made with."""
+    options = analysis.options
     settings = Settings(float(options.tol), options.select, options.target_macs,
                         options.alpha_fit if options.target_macs is not None else None)
-    decided = select(analysis.entries, settings, excluded, measurer)
-    decided.families = analysis.families
-    return decided
+    return select(analysis.entries, settings, excluded, measurer, analysis.families)
 
 
 def rewrite(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """The model with every rewrite of ``plan`` emitted (on a copy of the graph view);
-    with none, the analysed model itself."""
+    with none, the analysed model itself.
+
+    Sites emit in the order found, each its chosen candidate (a group site once
+    for all its layers).  Families insert nodes before their site's node; a
+    graph some emit left out of order (a shared tensor first used above where
+    it was made) is sorted.
+    """
     if not plan.rewritten:
         return analysis.view.model
     chosen = {layer.key: layer.chosen for layer in plan.rewritten}
@@ -124,6 +134,8 @@ def rewrite(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
         mine = candidate is not None and any(candidate is own for own in entry.candidates)
         if mine and all(chosen.get(info.key) is candidate for info in entry.site.layers):
             entry.family.emit(entry.site, candidate, emitter)
+    if not is_sorted(emitter.graph):
+        emitter.graph.toposort()
     rewritten = gs.export_onnx(emitter.graph, do_type_check=False)
     restore_model_fields(analysis.view.model, rewritten)
     return rewritten
@@ -192,7 +204,7 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     measurer = Measurer(threads=options.threads) if options.select == "measured" else None
     excluded: dict[str, str] = {}
     while True:
-        decided = plan(analysis, options, excluded, measurer)
+        decided = plan(analysis, excluded, measurer)
         rewritten = rewrite(analysis, decided)
         if measurer is None or not decided.rewritten:
             break

@@ -1,9 +1,11 @@
 """The plan: per layer, the candidates found, the one chosen, and why.
 
 Plain data.  The CLI tables, the JSON report and the tests all read it; a
-decision that is not in the plan did not happen, and the rewrite reads
-nothing else (the chosen :class:`Candidate` carries its ``payload``, e.g.
-the fitted weights).
+decision that is not in the plan did not happen.  The rewrite takes its
+decisions from the plan alone: which candidate each layer gets, with the
+candidate's ``payload`` (e.g. a data-fitted alpha); what a family derives
+from them and the site's weight (the weight-space least squares) is a
+function of the two.
 
 A :class:`Candidate` is one way a family can rewrite a site.  What it costs
 is a sum of :class:`Part` s, so that a piece another layer already computes
@@ -46,9 +48,10 @@ class Part:
     :func:`sconv_onnx.cost.total_cost`, with the cost model's current
     constants): per run, or per output position when the positions are
     unknown.  A ``key`` marks a piece that another layer may compute too (the
-    same sum-pool of the same tensor): it is charged to the first layer that
-    emits it.  ``layer`` names the member of a group site it belongs to (None:
-    the whole site, charged to its first member).
+    same sum-pool of the same tensor): it is charged to the first layer
+    decided that uses it.  ``member`` is the key (:attr:`LayerPlan.key`, the
+    layer's first output tensor) of the group site's layer it belongs to
+    (None: the whole site, charged to its first layer).
     """
 
     kind: str
@@ -56,7 +59,7 @@ class Part:
     ops: tuple[OpCost, ...]
     positions: int | None
     key: Hashable | None = None
-    layer: str | None = None
+    member: str | None = None
 
     @property
     def macs(self) -> float:
@@ -74,8 +77,9 @@ class Candidate:
     ``label`` names the structure (e.g. ``c=32 n=2x2``), ``lowering`` how it is
     emitted (e.g. ``matrix+avgpool``; empty when there is one way);
     ``residual`` is the weight-space distance ``||W - W'||_F / ||W||_F``;
-    ``parts`` what it costs; ``payload`` whatever the family's ``emit`` needs
-    (never read by anything else).  ``rounding_depth`` bounds the float
+    ``parts`` what it costs; ``payload`` what the family's ``emit`` needs
+    (opaque to the selector; ``payload.to_dict()``, when it has one, goes to
+    the JSON report).  ``rounding_depth`` bounds the float
     additions an output takes through the rewrite (its rounding error is at
     most about ``rounding_depth * u`` of the magnitudes summed, ``u`` the
     dtype's unit roundoff).  ``absorbs`` names nodes the rewrite removes
@@ -126,6 +130,11 @@ class Candidate:
         describe = getattr(self.payload, "to_dict", None)
         return describe() if describe is not None else {}
 
+    @property
+    def per_run(self) -> bool:
+        """Whether ``macs`` and ``cost`` are per run (shapes known), not per output position."""
+        return all(part.positions is not None for part in self.parts)
+
     def to_dict(self) -> dict:
         return {
             "family": self.family,
@@ -135,6 +144,7 @@ class Candidate:
             "params": self.params(),
             "macs": self.macs(),
             "cost": self.cost(),
+            "units": "per run" if self.per_run else "per output position",
             "rounding_depth": self.rounding_depth,
             "approximate": self.approximate,
             "details": self.details(),
@@ -148,7 +158,9 @@ class LayerPlan:
     ``params_*`` count weights (the rewrite's own constants included after);
     ``macs_*`` are multiply-adds at batch 1 (:mod:`sconv_onnx.macs`), None
     when the shapes are not known; ``cost_*`` are the cost model's
-    predictions in MAC-equivalents per run.  The ``*_after`` values are the
+    predictions in MAC-equivalents per run (per output position, without the
+    node overhead, when the shapes are not known: comparable within a layer
+    only).  The ``*_after`` values are the
     chosen candidate's, less the parts it shares (``shared``: computed by an
     earlier layer).  ``best`` is the layer's most compressive candidate within
     the tolerance, ``chosen`` the one the decision is about (rewritten, or

@@ -23,11 +23,15 @@ computed once per run), in the order found.  Output: the
   never picks them.
 
 Layers are decided in the order found.  A candidate's parts that an earlier
-rewritten layer already computes (a shared pool: same key) cost it nothing.
-A group site's candidate (several layers, one joint move) is decided first:
-it is taken when it costs less than the best single-layer candidates of its
-layers together (fewer MACs for ``select="all"``), and those layers are then
-its.
+rewritten layer already computes (a shared pool: same key) cost it nothing;
+the plan charges such a part to the first layer decided that uses it.
+
+A group site's candidate (several layers, one joint move) is decided first,
+by the cost model (or by MACs for ``select="all"``): it is taken when it
+costs less than its layers would as decided alone (each its best single
+candidate where that would be rewritten, else the layer as is), and those
+layers are then its.  Group candidates are not timed alone and are not
+offered to the MAC budget.
 """
 
 from __future__ import annotations
@@ -82,18 +86,27 @@ class _Layer:
     info: LayerInfo
     plan: LayerPlan
     singles: list[SiteEntry] = field(default_factory=list)
+    groups: list[SiteEntry] = field(default_factory=list)
+    #: taken by a group candidate
     claimed: bool = False
+    #: why a group candidate covering it was not taken
+    group_note: str = ""
 
 
 def select(entries: list[SiteEntry], settings: Settings, excluded: dict[str, str] | None = None,
-           measurer: Measurer | None = None) -> Plan:
-    """Decide every layer that ``entries`` cover; see the module docstring."""
+           measurer: Measurer | None = None, families: tuple[str, ...] = ()) -> Plan:
+    """Decide every layer that ``entries`` cover; see the module docstring.
+
+    ``excluded`` maps layer keys to the reason they must be kept; ``measurer``
+    times candidates for ``select="measured"``; ``families`` names the families
+    asked (default: those that found a site).
+    """
     excluded = dict(excluded or {})
     layers = _layers(entries)
     plan = Plan(tol=settings.tol, select=settings.select,
-                families=tuple(dict.fromkeys(entry.family.name for entry in entries)),
-                layers=[layer.plan for layer in layers.values()])  # the caller may name more
-    taken: dict[Hashable, str] = {}  # key of a shared part -> the layer that emits it
+                families=families or tuple(dict.fromkeys(e.family.name for e in entries)),
+                layers=[layer.plan for layer in layers.values()])
+    taken: dict[Hashable, str] = {}  # key of a shared part -> the layer charged for it
     for entry in entries:
         if entry.site.is_group:
             _decide_group(entry, layers, settings, excluded, taken)
@@ -105,18 +118,26 @@ def select(entries: list[SiteEntry], settings: Settings, excluded: dict[str, str
     return plan
 
 
+def _richer(info: LayerInfo, other: LayerInfo) -> LayerInfo:
+    """Of two families' views of one layer, the one that knows its cost (a family that
+    skips a layer may not have read it)."""
+    return other if not info.ops and other.ops else info
+
+
 def _layers(entries: list[SiteEntry]) -> dict[str, _Layer]:
-    layers: dict[str, _Layer] = {}
+    infos: dict[str, LayerInfo] = {}
     for entry in entries:
         for info in entry.site.layers:
-            if info.key not in layers:
-                layers[info.key] = _Layer(info, LayerPlan(
-                    node=info.node, op=info.op, weight_shape=info.weight_shape, key=info.key,
-                    group=info.group, weight_dtype=info.weight_dtype,
-                    params_before=info.params_before, macs_before=info.macs_before,
-                    cost_before=info.cost_before, params_after=info.params_before))
-            if not entry.site.is_group:
-                layers[info.key].singles.append(entry)
+            infos[info.key] = _richer(infos[info.key], info) if info.key in infos else info
+    layers = {key: _Layer(info, LayerPlan(
+        node=info.node, op=info.op, weight_shape=info.weight_shape, key=info.key, group=info.group,
+        weight_dtype=info.weight_dtype, params_before=info.params_before,
+        macs_before=info.macs_before, cost_before=info.cost_before,
+        params_after=info.params_before)) for key, info in infos.items()}
+    for entry in entries:
+        for info in entry.site.layers:
+            kind = layers[info.key].groups if entry.site.is_group else layers[info.key].singles
+            kind.append(entry)
     return layers
 
 
@@ -124,13 +145,13 @@ def _fill(layer: LayerPlan, candidate: Candidate, taken: dict[Hashable, str],
           member: str | None = None, first: bool = True) -> None:
     """Record ``candidate`` as ``layer``'s choice, its after-values less what ``taken`` shares.
 
-    For a group candidate, ``member`` selects the parts of that layer (and, when
-    ``first``, the parts of the whole site)."""
-    parts = [part for part in candidate.parts if part.key is None or part.key not in taken]
-    if member is not None:
-        parts = [part for part in parts if part.layer == member or (first and part.layer is None)]
+    For a group candidate, ``member`` (a layer key) selects the parts of that
+    layer and, when ``first``, the parts of the whole site."""
+    mine = [part for part in candidate.parts
+            if member is None or part.member == member or (first and part.member is None)]
+    layer.shared = tuple(part.kind for part in mine if part.key is not None and part.key in taken)
+    parts = [part for part in mine if part.key is None or part.key not in taken]
     layer.chosen, layer.family = candidate, candidate.family
-    layer.shared = candidate.shared(taken)
     layer.params_after = sum(part.params for part in parts)
     layer.cost_after = sum(part.cost for part in parts)
     layer.macs_after = (round(sum(part.macs for part in parts))
@@ -153,18 +174,16 @@ def _score(candidate: Candidate, mode: SelectMode, taken) -> tuple:
     return candidate.cost(taken), candidate.params(taken)
 
 
+def _ratio(after: float, before: float | None) -> float:
+    return after / before if before else float("inf")
+
+
 def _decide(layer: _Layer, settings: Settings, excluded: dict[str, str],
             measurer: Measurer | None, taken: dict[Hashable, str]) -> None:
     plan, info = layer.plan, layer.info
     options = [(entry, candidate) for entry in layer.singles for candidate in entry.exact]
     if not options:
-        skips = [entry.site.skip_reason for entry in layer.singles if entry.site.skip_reason]
-        if skips and len(skips) == len(layer.singles):
-            plan.decided_by, plan.reason = "skipped", "; ".join(dict.fromkeys(skips))
-        else:
-            plan.decided_by = "no_candidate"
-            tol = effective_tol(settings.tol, info.weight_dtype) if info.weight_dtype else settings.tol
-            plan.reason = f"no structure within tol {tol:g}"
+        _no_candidate(layer, settings)
         return
     plan.best = _best([candidate for _, candidate in options])
     options.sort(key=lambda option: _score(option[1], settings.select, taken))
@@ -174,7 +193,7 @@ def _decide(layer: _Layer, settings: Settings, excluded: dict[str, str],
         measured, choice, note = _measure(options, measurer, taken)
     _fill(plan, choice, taken)
     plan.measured_ratio = measured
-    ratio = plan.cost_after / info.cost_before if info.cost_before else float("inf")
+    ratio = _ratio(plan.cost_after, info.cost_before)
     sharing = f"; shares {'+'.join(plan.shared)}" if plan.shared else ""
     label = f"{choice.label} {choice.lowering}".strip()
     if settings.select == "all":
@@ -201,65 +220,104 @@ def _decide(layer: _Layer, settings: Settings, excluded: dict[str, str],
             taken.setdefault(key, info.key)
 
 
+def _no_candidate(layer: _Layer, settings: Settings) -> None:
+    """A layer no single-layer family offers anything for: why it is kept."""
+    plan, info = layer.plan, layer.info
+    entries = layer.singles + layer.groups
+    skips = list(dict.fromkeys(e.site.skip_reason for e in entries if e.site.skip_reason))
+    if layer.group_note:
+        plan.decided_by = "all" if settings.select == "all" else "cost"
+        plan.reason = layer.group_note
+    elif skips and len(skips) == len({id(e) for e in entries}):
+        plan.decided_by, plan.reason = "skipped", "; ".join(skips)
+    else:
+        plan.decided_by = "no_candidate"
+        tol = effective_tol(settings.tol, info.weight_dtype) if info.weight_dtype else settings.tol
+        plan.reason = f"no structure within tol {tol:g}"
+
+
 def _exclude(plan: LayerPlan, why: str) -> None:
     plan.decision, plan.decided_by, plan.excluded, plan.reason = KEEP, "excluded", why, why
     plan.folded = ()
 
 
 def _measure(options: list[tuple[SiteEntry, Candidate]], measurer: Measurer | None, taken):
-    """``(measured ratio, candidate, note)`` for ``select="measured"``: the cost model's top
-    candidates timed; its choice kept unless another is clearly faster."""
+    """``(measured ratio, candidate, note)`` for ``select="measured"``.
+
+    The cost model's top candidates are timed, each by its own family's
+    ``measure`` hook; one a family cannot time drops out.  The cost model's
+    choice stays unless another is clearly faster; when the cost model's
+    choice itself cannot be timed, the layer is decided by the cost model."""
     top = options[:MEASURED_CANDIDATES]
-    entry, choice = top[0]
+    first, choice = top[0]
     if measurer is None:
         return None, choice, " (not measured: no timer)"
-    trials = [(candidate, candidate.shared(taken)) for _, candidate in top]
-    ratios = entry.family.measure(entry.site, trials, measurer) if all(
-        option_entry is entry for option_entry, _ in top) else None
-    if ratios is None:
-        why = f"{entry.family.name} cannot time this {entry.site.layer.op} alone"
-        if entry.site.layer.macs_before is None:
-            why = "input shape unknown"
+    ratios: dict[int, float] = {}
+    by_entry: dict[int, list[int]] = {}
+    for index, (entry, _) in enumerate(top):
+        by_entry.setdefault(id(entry), []).append(index)
+    for indices in by_entry.values():
+        entry = top[indices[0]][0]
+        trials = [(top[i][1], top[i][1].shared(taken)) for i in indices]
+        timed = entry.family.measure(entry.site, trials, measurer)
+        if timed is None:
+            continue
+        if len(timed) != len(trials):
+            raise ValueError(f"family {entry.family.name!r} timed {len(timed)} of "
+                             f"{len(trials)} candidates")
+        ratios.update(zip(indices, timed))
+    if 0 not in ratios:
+        why = ("input shape unknown" if first.site.layer.macs_before is None
+               else f"{first.family.name} cannot time this {first.site.layer.op} alone")
         return None, choice, f" (not measured: {why})"
-    fastest = min(range(len(top)), key=ratios.__getitem__)
+    fastest = min(ratios, key=ratios.__getitem__)
     pick = fastest if ratios[fastest] < MEASURED_SWITCH * ratios[0] else 0
     return ratios[pick], top[pick][1], ""
 
 
+def _alone(member: _Layer, settings: Settings, taken) -> tuple:
+    """A group member's score as decided alone: its best single candidate where that
+    would be rewritten, else the layer as is."""
+    info = member.info
+    own = [candidate for single in member.singles for candidate in single.exact]
+    best = min((_score(c, settings.select, taken) for c in own), default=None)
+    if best is not None and (settings.select == "all"
+                             or _ratio(best[0], info.cost_before) <= cost.GAIN_MARGIN):
+        return best
+    if settings.select == "all":
+        return info.comparable_macs, info.cost_before
+    return info.cost_before, info.params_before
+
+
 def _decide_group(entry: SiteEntry, layers: dict[str, _Layer], settings: Settings,
                   excluded: dict[str, str], taken: dict[Hashable, str]) -> None:
-    """Take ``entry``'s best group candidate when it beats its layers' best single ones."""
+    """Take ``entry``'s best group candidate when it beats its layers decided alone."""
     members = [layers[info.key] for info in entry.site.layers]
     if not entry.exact or any(m.claimed or m.info.key in excluded for m in members):
         return
     if any(m.info.cost_before is None for m in members):
         return
-    options = sorted(entry.exact, key=lambda candidate: _score(candidate, settings.select, taken))
-    group = options[0]
-    singles = []
-    for member in members:
-        own = [candidate for single in member.singles for candidate in single.exact]
-        if own:
-            singles.append(min(_score(c, settings.select, taken) for c in own))
-        else:
-            before = member.info
-            singles.append((before.macs_before or 0, before.cost_before) if settings.select == "all"
-                           else (before.cost_before, before.params_before))
-    alone = tuple(sum(values) for values in zip(*singles))
+    group = min(entry.exact, key=lambda candidate: _score(candidate, settings.select, taken))
+    alone = tuple(sum(values) for values in zip(*(_alone(m, settings, taken) for m in members)))
     together = _score(group, settings.select, taken)
-    before_cost = sum(m.info.cost_before for m in members)
-    if together >= alone:
-        return
-    if settings.select != "all" and group.cost(taken) > cost.GAIN_MARGIN * before_cost:
-        return
+    before = sum(m.info.cost_before for m in members)
+    predicted = group.cost(taken) / before
     names = ", ".join(m.info.node for m in members)
+    label = f"{group.family} {group.label} with {names}"
+    if together >= alone or (settings.select != "all" and predicted > cost.GAIN_MARGIN):
+        for member in members:
+            member.group_note = (f"group rewrite ({label}) not taken: predicted time "
+                                 f"{predicted:.2f}x together")
+        return
+    note = " (not measured: a group is decided by the cost model)" if (
+        settings.select == "measured") else ""
     for index, member in enumerate(members):
         _fill(member.plan, group, taken, member.info.key, first=index == 0)
         member.plan.best = group
         member.plan.decision = REWRITE
         member.plan.decided_by = "all" if settings.select == "all" else "cost"
-        member.plan.reason = (f"group rewrite with {names}: predicted time "
-                              f"{group.cost(taken) / before_cost:.2f}x together")
+        member.plan.reason = f"group rewrite ({label}): predicted time {predicted:.2f}x{note}"
+        member.plan.folded = group.absorbs if index == 0 else ()
         member.claimed = True
     for key in group.keys:
         taken.setdefault(key, members[0].info.key)
@@ -294,7 +352,8 @@ def _apply_budget(plan: Plan, layers: dict[str, _Layer], settings: Settings,
             layer.reason += "; not needed for the MAC budget"
             continue
         _fill(layer, chosen[key], taken)
-        layer.decision, layer.decided_by = REWRITE, "budget"
+        layer.decision, layer.decided_by, layer.measured_ratio = REWRITE, "budget", None
+        layer.folded = chosen[key].absorbs
         layer.reason = (f"budget: output error {layer.output_error:.3g} "
                         f"(weight-space alpha: {layer.output_error_weight_alpha:.3g})")
         for part_key in chosen[key].keys:

@@ -33,7 +33,8 @@ from onnx import numpy_helper
 
 from sconv_onnx.runtime import run
 
-UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
+UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0**-11, np.dtype(np.float32): 2.0**-24,
+                 np.dtype(np.float64): 2.0**-53}
 #: Headroom over the sum bound (see the module docstring).
 SAFETY = 2.0
 
@@ -108,15 +109,18 @@ def patch_norms(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
     return {name: np.sqrt(np.maximum(value, 0.0)) for name, value in run(copy, squares).items()}
 
 
-def layer_depth(layer) -> int:
-    """Longest chain of roundings of an output of the original layer (a plan's
-    :class:`~sconv_onnx.plan.LayerPlan`): its dot product, then the bias."""
-    shape = layer.weight_shape
-    if layer.op == "ConvTranspose":
-        return shape[0] // layer.group * math.prod(shape[2:]) + 1
-    if layer.op in ("Gemm", "MatMul"):
-        return max(shape) + 2  # the dot product (of IN <= max), alpha, then beta * C
-    return math.prod(shape[1:]) + 1
+def layer_depth(model: onnx.ModelProto) -> int:
+    """Longest chain of roundings of an output of the model's one layer: its dot
+    product, then the bias (and Gemm's ``alpha`` and ``beta``)."""
+    node, weight = _layer(model)
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    if node.op_type == "ConvTranspose":
+        return weight.shape[0] // attrs.get("group", 1) * math.prod(weight.shape[2:]) + 1
+    if node.op_type == "Gemm":
+        return weight.shape[1 if attrs.get("transB", 0) else 0] + 3
+    if node.op_type == "MatMul":
+        return weight.shape[0]
+    return math.prod(weight.shape[1:]) + 1
 
 
 def assert_within_rounding(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict,

@@ -72,7 +72,7 @@ def _optimize(spec: ConvSpec, **kwargs):
 def _assert_exact(spec: ConvSpec, model, new, layer) -> None:
     """The rewrite matches the original within both computations' rounding."""
     feeds = random_feeds(model, {"x": spec.input_shape}, seed=spec.seed)
-    assert_within_rounding(model, new, feeds, layer_depth(layer), layer.chosen.rounding_depth)
+    assert_within_rounding(model, new, feeds, layer_depth(model), layer.chosen.rounding_depth)
 
 
 #: Kernels the issue names explicitly, always run whatever hypothesis draws.
@@ -118,6 +118,10 @@ def test_structured_layers_are_rewritten_and_exact(spec):
     pool_constants = sum(n for name, n in counts.items() if "sconv_" in name and name != alpha)
     assert sum(counts.values()) == counts[alpha] + bias + pool_constants == layer.params_after
     assert layer.params_after < layer.params_before + pool_constants
+    # the plan's MACs (per sample) are the written model's, counted node by node
+    totals = report.plan.totals()
+    assert report.before.macs == spec.batch * totals["macs_before"]
+    assert report.after.macs == spec.batch * totals["macs_after"]
     # onnxruntime agrees within the rounding of both computations
     _assert_exact(spec, model, new, layer)
     # model-level fields are kept
@@ -158,7 +162,7 @@ def _rewrite_with(spec: ConvSpec, lowering) -> tuple:
 
     options = Options(select="all")
     analysis = pipeline.analyse(make_model(spec), options, {"x": spec.input_shape})
-    plan = pipeline.plan(analysis, options)
+    plan = pipeline.plan(analysis)
     ((entry,), (layer,)) = analysis.entries, plan.layers
     same = [c for c in entry.candidates if c.payload.sizes == layer.chosen.payload.sizes]
     layer.chosen = same[lowering % len(same)]

@@ -108,7 +108,7 @@ class HorizontalFusion(Family):
         split = cost.OpCost("Split", 0.0, 2 * outputs)
         parts = (Part("fused", first.size + second.size, (cost.linear_op(fused, first.shape[0]),),
                       site.rows),
-                 Part("split", 2, (split,), site.rows, layer=site.layers[1].key))
+                 Part("split", 2, (split,), site.rows, member=site.layers[1].key))
         return [Candidate(self.name, "fused", 0.0, parts, rounding_depth=first.shape[0])]
 
     def emit(self, site, candidate, emitter):
@@ -124,7 +124,6 @@ class HorizontalFusion(Family):
             node.outputs.clear()
             graph.nodes.remove(node)
         graph.nodes.append(gs.Node("Split", at.name("split"), {"axis": -1}, [fused, sizes], outputs))
-        graph.toposort()
 
 
 @pytest.fixture
@@ -200,9 +199,12 @@ def test_a_group_family_rewrites_its_layers_in_one_joint_move(toy_families):
     assert first.params_after == 512 * 16 and second.params_after == 2
     assert sorted(node.op_type for node in new.graph.node) == ["MatMul", "Split"]
     assert report.verified and report.max_rel_error < 1e-5
-    # by the cost model the fusion saves too little (0.97x): both layers are kept
+    # by the cost model the fusion saves too little (0.97x): both layers are kept, and say why
     kept = sconv_onnx.analyze(model, families="hfuse")
     assert not kept.rewritten
+    assert all(layer.decided_by == "cost" and layer.reason.startswith(
+        "group rewrite (hfuse fused with mm_a, mm_b) not taken: predicted time 0.97x")
+        for layer in kept.layers)
 
 
 def test_cli_takes_families_and_refuses_unknown_ones(toy_families, tmp_path, capsys):
@@ -216,6 +218,17 @@ def test_cli_takes_families_and_refuses_unknown_ones(toy_families, tmp_path, cap
     code, _, err = run_cli(capsys, "optimize", source, tmp_path / "o2.onnx", "--families", "igc")
     assert code == 2 and "unknown family 'igc' (registered: box, rank1, hfuse)" in err
     assert not (tmp_path / "o2.onnx").exists()
+    code, stdout, _ = run_cli(capsys, "families")
+    rows = [line.split()[0] for line in stdout.splitlines()[2:]]
+    assert code == 0 and rows == ["box", "rank1", "hfuse"]
+    assert "toy: a rank-1 MatMul weight as two thin MatMuls" in stdout
+
+
+def test_the_api_refuses_an_empty_or_unknown_family_list_before_any_work(tmp_path):
+    missing = tmp_path / "no_such_model.onnx"  # never read: the families are checked first
+    for families in ([], "", "box,nope"):
+        with pytest.raises(InputError, match="--families"):
+            sconv_onnx.analyze(missing, families=families)
 
 
 def test_registry_rules():

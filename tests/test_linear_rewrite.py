@@ -83,11 +83,12 @@ def _check_rewritten(model, under):
     assert len(alpha) == 1 and layer.chosen.payload.structure.channels in alpha[0].dims
     assert "W" not in {init.name for init in new.graph.initializer}
     assert "CumSum" in {node.op_type for node in new.graph.node}
-    # the plan counts every constant the rewrite writes
+    # the plan counts every constant the rewrite writes, and every MAC
     assert sum(math.prod(init.dims) for init in new.graph.initializer) == layer.params_after
+    assert (report.before.macs, report.after.macs) == (layer.macs_before, layer.macs_after)
     feeds = random_feeds(model, {"x": tuple(d.dim_value for d in
                                             model.graph.input[0].type.tensor_type.shape.dim)})
-    assert_within_rounding(model, new, feeds, layer_depth(layer), layer.chosen.rounding_depth)
+    assert_within_rounding(model, new, feeds, layer_depth(model), layer.chosen.rounding_depth)
 
 
 @given(gemm_cases())

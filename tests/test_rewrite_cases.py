@@ -23,7 +23,7 @@ def _site(spec):
 
     options = Options(select="all")
     analysis = pipeline.analyse(make_model(spec), options, {"x": spec.input_shape})
-    (entry,), (layer,) = analysis.entries, pipeline.plan(analysis, options).layers
+    (entry,), (layer,) = analysis.entries, pipeline.plan(analysis).layers
     return entry.site, layer.chosen.payload.structure
 
 

@@ -11,8 +11,12 @@ from sconv_onnx.models import resnet
 
 import sconv_onnx
 from sconv_onnx import pipeline, revert
+from sconv_onnx.cost import OpCost
 from sconv_onnx.options import Options
+from sconv_onnx.passes import Family, LayerInfo, Site
 from sconv_onnx.passes.box import BoxFamily
+from sconv_onnx.plan import Candidate, Part
+from sconv_onnx.select import Settings, SiteEntry, select
 from sconv_onnx.structure import expand
 
 
@@ -97,7 +101,7 @@ def test_excluded_layers_are_kept_whatever_their_family():
     options = Options()
     analysis = pipeline.analyse(_every_kind(), options)
     excluded = {"g": "kept for this test", "t": "kept too"}
-    plan = pipeline.plan(analysis, options, excluded)
+    plan = pipeline.plan(analysis, excluded)
     decisions = {layer.op: (layer.decision, layer.excluded) for layer in plan.layers}
     assert decisions == {"Conv": ("rewrite", None), "ConvTranspose": ("keep", "kept too"),
                          "Gemm": ("keep", "kept for this test"), "MatMul": ("rewrite", None)}
@@ -124,3 +128,39 @@ def test_budget_with_exclusions_ends_and_never_picks_an_excluded_layer(slow_whol
     assert any(layer.decided_by == "excluded" for layer in layers)
     assert all(layer.decided_by != "budget" for layer in layers if layer.excluded)
     assert report.plan.notes and "not reachable" in report.plan.notes[0]
+
+
+class _Named(Family):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _info(key: str) -> LayerInfo:
+    """A layer whose cost model says 100 (per output position: no shapes)."""
+    return LayerInfo(key, key, "MatMul", params_before=10, ops=(OpCost("MatMul", 100.0, 0.0),))
+
+
+def _candidate(family: str, cost_per_layer: dict) -> Candidate:
+    """Costs 100 * factor for each member (key -> factor), one part each."""
+    parts = tuple(Part("layer", 1, (OpCost("MatMul", 100.0 * factor, 0.0),), None, member=key)
+                  for key, factor in cost_per_layer.items())
+    return Candidate(family, family, 0.0, parts)
+
+
+@pytest.mark.parametrize("group_cost, taken", [(0.72, True), (0.76, False)])
+def test_a_group_is_weighed_against_its_layers_as_they_would_be_decided(group_cost, taken):
+    # alone, a would be rewritten at 0.5x and b kept (its only candidate predicts 1.5x),
+    # so the pair costs 0.5 + 1.0 = 1.5 of 2: a group must beat 0.75x, not 1.0x
+    a, b = _info("a"), _info("b")
+    entries = [
+        SiteEntry(_Named("single"), Site(family="single", layers=(a,)),
+                  [_candidate("single", {"a": 0.5})]),
+        SiteEntry(_Named("single"), Site(family="single", layers=(b,)),
+                  [_candidate("single", {"b": 1.5})]),
+        SiteEntry(_Named("pair"), Site(family="pair", layers=(a, b)),
+                  [_candidate("pair", {"a": group_cost, "b": group_cost})]),
+    ]
+    plan = select(entries, Settings(1e-4, "cost"))
+    assert [layer.family for layer in plan.layers] == (["pair", "pair"] if taken else
+                                                       ["single", "single"])
+    assert [layer.rewritten for layer in plan.layers] == ([True, True] if taken else [True, False])

@@ -14,7 +14,9 @@ in with three methods and a name:
   its cost :class:`~sconv_onnx.plan.Part` s and a ``payload`` for emit.
   No graph is touched; the results are cached for the whole run.
 * ``emit(site, candidate, emitter)``: the nodes for a chosen candidate,
-  written through an :class:`Emitter` (a copy of the model's graph).
+  written through an :class:`Emitter` (a copy of the model's graph: reach
+  the site's node with ``emitter.node``, and new nodes are inserted before
+  it; the graph is sorted afterwards if an emit left it out of order).
 
 Optional hooks (the defaults say "not supported"):
 
@@ -75,6 +77,12 @@ class LayerInfo:
         if not self.ops or self.positions is None:
             return None
         return round(sum(op.macs for op in self.ops) * self.positions)
+
+    @property
+    def comparable_macs(self) -> float | None:
+        """MACs in the convention of :attr:`sconv_onnx.plan.Part.macs`: per run, or per
+        output position when the shapes are unknown."""
+        return sum(op.macs for op in self.ops) * (self.positions or 1) if self.ops else None
 
     @property
     def cost_before(self) -> float | None:
@@ -252,7 +260,7 @@ class Emitter:
         self.graph = source.copy() if copy else source
         self._nodes: dict[int, gs.Node] = {}
         self._owners: dict[int, gs.Graph] = {}
-        for (_, node), (owner_copy, node_copy) in zip(walk(source), walk(self.graph)):
+        for (_, node), (owner_copy, node_copy) in zip(walk(source), walk(self.graph), strict=True):
             self._nodes[id(node)] = node_copy
             self._owners[id(node)] = owner_copy
         self.taken = all_names(self.graph)
@@ -265,6 +273,14 @@ class Emitter:
     def graph_of(self, original: gs.Node) -> gs.Graph:
         """The (sub)graph that holds the counterpart of ``original``."""
         return self._owners[id(original)]
+
+    def tensor(self, original: gs.Node, name: str) -> gs.Tensor:
+        """The tensor ``name`` as the counterpart of ``original`` sees it.
+
+        Wire only tensors reached this way, through :meth:`node`'s inputs and
+        outputs, or made by a :class:`NodeEmitter`: a tensor a site holds from
+        the analysed graph would tie the copy to it."""
+        return self.graph_of(original).tensors()[name]
 
     def at(self, original: gs.Node, base: str) -> NodeEmitter:
         """A :class:`NodeEmitter` inserting before ``original``'s counterpart, names from ``base``."""

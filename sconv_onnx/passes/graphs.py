@@ -32,6 +32,23 @@ def walk(graph: gs.Graph):
         yield graph, node
 
 
+def is_sorted(graph: gs.Graph) -> bool:
+    """Whether in ``graph`` and each subgraph every node comes after the nodes of that
+    graph whose outputs it reads."""
+    scopes = {id(graph): graph}
+    scopes.update((id(owner), owner) for owner, _ in walk(graph))
+    for scope in scopes.values():
+        local = {id(node) for node in scope.nodes}
+        seen: set[int] = set()
+        for node in scope.nodes:
+            for tensor in node.inputs:
+                producer = tensor.inputs[0] if tensor.inputs else None
+                if producer is not None and id(producer) in local and id(producer) not in seen:
+                    return False
+            seen.add(id(node))
+    return True
+
+
 def _default_domain(node: gs.Node) -> bool:
     return node.domain in ("", "ai.onnx", None)
 

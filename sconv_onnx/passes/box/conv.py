@@ -310,7 +310,7 @@ def candidate(site: ConvSite, structure: Structure, lowering: Lowering, family: 
     """``structure`` lowered by ``lowering`` as a :class:`~sconv_onnx.plan.Candidate`."""
     geom = site.geometry
     lowered = ConvLowered.of(site, structure, lowering)
-    full_positions = float(math.prod(geom.strides))
+    full_positions = geom.input_positions
     parts = []
     depth = 1  # alpha, rounded to the weight's dtype
     if lowered.channel is not None:

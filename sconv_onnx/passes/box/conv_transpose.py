@@ -262,7 +262,7 @@ def emit(site: TransposeSite, choice: BoxChoice, emitter: Emitter) -> None:
     node.outputs[0] = small
     while len(node.inputs) > 2:
         node.inputs.pop()
-    alpha = fit_alpha(site.weight, sizes)
+    alpha = fit_alpha(site.weight, sizes) if choice.alpha is None else choice.alpha
     assert alpha.shape == alpha_shape(site, choice.structure)
     node.inputs[1] = at.constant("alpha", alpha.astype(dtype))
     for key in ("auto_pad", "output_padding", "output_shape"):

@@ -44,9 +44,6 @@ from ... import cost
 from ...structure import window
 from ..base import NodeEmitter
 
-SPATIAL_METHODS = ("avgpool", "ones_conv")
-CHANNEL_METHODS = ("cumsum", "matrix")
-
 
 def count(shapes: list[tuple[int, ...]]) -> int:
     """Elements of constants with ``shapes``."""

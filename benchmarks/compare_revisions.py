@@ -38,7 +38,7 @@ from sconv_onnx.report import table
 from sconv_onnx.verify import random_feeds
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("cost", "all")
+MODES = ("cost", "all", "measured")
 #: Run by BASE's sconv-onnx: optimize argv[1] with select=argv[3], save to argv[2].
 _OPTIMIZE = ("import sys, onnx, sconv_onnx; "
              "model, _ = sconv_onnx.optimize(sys.argv[1], select=sys.argv[3]); "
@@ -73,7 +73,8 @@ def fingerprint(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def compare(name: str, base: Path, folder: Path, threads: int, runs: int, warmup: int) -> list:
+def compare(name: str, base: Path, folder: Path, threads: int, runs: int, warmup: int,
+            modes: list[str]) -> list:
     model = build_model(name)
     source = folder / f"{name}.onnx"
     onnx.save(model, str(source))
@@ -81,7 +82,7 @@ def compare(name: str, base: Path, folder: Path, threads: int, runs: int, warmup
               for inp in model.graph.input}
     feeds = random_feeds(model, shapes, seed=0)
     rows = []
-    for mode in MODES:
+    for mode in modes:
         before = folder / f"{name}.{mode}.base.onnx"
         optimize_with(base, source, before, mode)
         old = onnx.load(str(before))
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="the git revision to compare with (e.g. a commit or main~1)")
     parser.add_argument("--models", nargs="+", default=sorted(MODELS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["cost", "all"],
+                        help="selection modes (measured: each version times its own layers, so "
+                             "its decisions vary from run to run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
@@ -116,7 +120,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sconv-revisions-") as tmp:
         base = export_revision(args.base, Path(tmp))
         rows = [row for name in args.models
-                for row in compare(name, base, Path(tmp), args.threads, args.runs, args.warmup)]
+                for row in compare(name, base, Path(tmp), args.threads, args.runs, args.warmup,
+                                   args.modes)]
     command = "python benchmarks/compare_revisions.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     header = ["model", "select", "base / original", "this / original", "this / base",

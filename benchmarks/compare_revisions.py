@@ -132,7 +132,9 @@ def main(argv=None) -> int:
         (f"Made by `{command.strip()}` on {datetime.date.today()}: base `{args.base}`, this "
         f"checkout `{this}`; {args.threads} threads, {args.runs} rounds after {args.warmup} "
         "warm-up runs, the three models side by side in rotating order. Ratios are medians of "
-        "per-round ratios; `identical graphs`: the two rewrites have the same nodes and weights."),
+        "per-round ratios; `identical graphs`: the two rewrites have the same nodes and weights "
+         "(with `measured`, each version times its own layers, so even one version's graphs "
+         "differ from run to run)."),
         "",
         "```",
         table(header, rows),

@@ -9,6 +9,7 @@ median of per-pair ratios, not a ratio of medians.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import tempfile
@@ -21,6 +22,9 @@ import onnx
 import onnxruntime as ort
 
 from .runtime import session
+
+#: Runs of each model before its profile counts (allocations, first-run layout work).
+PROFILE_WARMUP = 3
 
 
 def default_threads() -> int:
@@ -125,26 +129,36 @@ def bench(
 
 
 def profile_op_types(
-    model: onnx.ModelProto | str | os.PathLike, feeds: dict, threads: int, runs: int
+    model: onnx.ModelProto | str | os.PathLike, feeds: dict, threads: int, runs: int,
+    warmup: int = PROFILE_WARMUP,
 ) -> dict[str, float]:
-    """Milliseconds per run spent in each op type, from onnxruntime's profiler.
+    """Milliseconds per run spent in each op type, from onnxruntime's profiler: per op
+    type, the median over ``runs`` runs (after ``warmup`` runs that are not counted).
 
-    Op types are onnxruntime's after its graph optimizations (e.g. a Conv
-    fused with its Relu shows as ``FusedConv``; NCHWc kernels as ``Conv`` of
-    the ``com.microsoft.nchwc`` domain, with ``ReorderInput``/``ReorderOutput``).
+    A median, because the models are profiled one after the other, not side by
+    side, and single runs on a shared machine spike (4-5x seen); a mean over
+    them put a ResNet-18's Conv time at twice its whole-model median.  Op types
+    are onnxruntime's after its graph optimizations (e.g. a Conv fused with
+    its Relu shows as ``FusedConv``; NCHWc kernels as ``Conv`` of the
+    ``com.microsoft.nchwc`` domain, with ``ReorderInput``/``ReorderOutput``).
     """
     with tempfile.TemporaryDirectory() as folder:
         sess = timing_session(model, threads, profile_dir=folder)
-        for _ in range(runs):
+        for _ in range(warmup + runs):
             sess.run(None, feeds)
         path = sess.end_profiling()
         with open(path) as handle:
             events = json.load(handle)
-    totals: dict[str, float] = defaultdict(float)
+    starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
+    per_run: list[dict[str, float]] = [defaultdict(float) for _ in starts]
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            totals[event["args"].get("op_name", "?")] += event["dur"] / 1e3
-    return {op: total / runs for op, total in totals.items()}
+            index = bisect.bisect_right(starts, event["ts"]) - 1
+            if index >= 0:
+                per_run[index][event["args"].get("op_name", "?")] += event["dur"] / 1e3
+    counted = per_run[warmup:]
+    ops = set().union(*counted) if counted else set()
+    return {op: float(np.median([run.get(op, 0.0) for run in counted])) for op in ops}
 
 
 def format_result(result: BenchResult) -> str:

@@ -15,6 +15,7 @@ conv.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -93,6 +94,36 @@ class LayerSite(Site):
     @property
     def name(self) -> str:
         return self.layer.node
+
+    def price(self, ops: list[cost.OpCost], positions: int | None) -> None:
+        """Complete the layer's info once its geometry is known: the weight's narrowest
+        stored dtype, its params, and the layer as the cost model sees it."""
+        stored = stored_dtypes(self.node.inputs[1])
+        self.layers = (dataclasses.replace(
+            self.layer, weight_dtype=narrowest_dtype(self.weight.dtype, *stored),
+            params_before=int(self.weight.size) + self.bias_size, ops=tuple(ops),
+            positions=positions),)
+
+
+def read_node(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None, bool, LayerInfo]:
+    """A layer node's constant weight and bias (None where not constant), whether it has a
+    bias input, and the layer as the plan first shows it."""
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    bias = constant_value(node.inputs[2]) if has_bias else None
+    info = LayerInfo(node.outputs[0].name, layer_name(node), node.op,
+                     tuple(weight.shape) if weight is not None else (),
+                     int(node.attrs.get("group", 1)))
+    return weight, bias, has_bias, info
+
+
+def float_weight_problem(weight: np.ndarray | None) -> str | None:
+    """Why a weight cannot be factored (not a constant, not floating point), or None."""
+    if weight is None:
+        return "weight is not a constant"
+    if not is_float_dtype(weight.dtype):
+        return f"weight dtype {weight.dtype} is not floating point"
+    return None
 
 
 @dataclass(kw_only=True)
@@ -175,22 +206,15 @@ def find(view, family: str) -> list[ConvSite]:
 
 
 def _site(family, graph, node, static_shapes, concrete_shapes, opset) -> ConvSite:
-    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    bias = constant_value(node.inputs[2]) if has_bias else None
-    info = LayerInfo(node.outputs[0].name, layer_name(node), node.op,
-                     tuple(weight.shape) if weight is not None else (),
-                     int(node.attrs.get("group", 1)))
+    weight, bias, has_bias, info = read_node(node)
     site = ConvSite(family=family, layers=(info,), graph=graph, node=node, weight=weight,
                     bias_size=int(bias.size) if bias is not None else 0, opset=opset)
+    site.skip_reason = float_weight_problem(weight)
     if weight is None:
         producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
-        quantized = producer is not None and producer.op == "DequantizeLinear"
-        site.skip_reason = ("quantized weight (QDQ): left as is" if quantized
-                            else "weight is not a constant")
-        return site
-    if not is_float_dtype(weight.dtype):
-        site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
+        if producer is not None and producer.op == "DequantizeLinear":
+            site.skip_reason = "quantized weight (QDQ): left as is"
+    if site.skip_reason:
         return site
     if not (has_bias and bias is None):  # a computed bias cannot absorb a BatchNormalization
         site.batchnorm = find_fold(graph, node, weight, bias)
@@ -220,13 +244,7 @@ def _site(family, graph, node, static_shapes, concrete_shapes, opset) -> ConvSit
         in_spatial=concrete_in[2:] if concrete_in else None,
         out_spatial=concrete_out[2:] if concrete_out else None,
     )
-    before = cost.original_ops(geom)
-    site.layers = (LayerInfo(
-        info.key, info.node, info.op, info.weight_shape, info.group,
-        weight_dtype=narrowest_dtype(weight.dtype, *stored_dtypes(node.inputs[1])),
-        params_before=int(weight.size) + site.bias_size,
-        ops=tuple(before), positions=geom.positions,
-    ),)
+    site.price(cost.original_ops(geom), geom.positions)
     return site
 
 

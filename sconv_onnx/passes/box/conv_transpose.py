@@ -43,18 +43,18 @@ import onnx_graphsurgeon as gs
 
 from ... import cost
 from ...plan import Candidate, Part
-from ...structure import (
-    Structure,
-    effective_tol,
-    fit_alpha,
-    is_float_dtype,
-    narrowest_dtype,
-    search,
-    windows,
+from ...structure import Structure, effective_tol, fit_alpha, search, windows
+from ..base import Emitter
+from ..graphs import drop_if_unused
+from .conv import (
+    BoxChoice,
+    LayerSite,
+    Lowering,
+    float_weight_problem,
+    int_attr_tuple,
+    read_node,
+    static_dims,
 )
-from ..base import Emitter, LayerInfo
-from ..graphs import constant_value, drop_if_unused, stored_dtypes
-from .conv import BoxChoice, LayerSite, Lowering, int_attr_tuple, layer_name, static_dims
 from .pools import ChannelSpread, SpatialPool, count
 
 OP_TYPE = "ConvTranspose"
@@ -126,19 +126,11 @@ def find(view, family: str) -> list[TransposeSite]:
 
 
 def _site(family, graph, node, static_shapes, concrete_shapes) -> TransposeSite:
-    weight = constant_value(node.inputs[1])
-    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    bias = constant_value(node.inputs[2]) if has_bias else None
-    info = LayerInfo(node.outputs[0].name, layer_name(node), node.op,
-                     tuple(weight.shape) if weight is not None else (),
-                     int(node.attrs.get("group", 1)))
+    weight, bias, _, info = read_node(node)
     site = TransposeSite(family=family, layers=(info,), graph=graph, node=node, weight=weight,
                          bias_size=int(bias.size) if bias is not None else 0)
-    if weight is None:
-        site.skip_reason = "weight is not a constant"
-        return site
-    if not is_float_dtype(weight.dtype):
-        site.skip_reason = f"weight dtype {weight.dtype} is not floating point"
+    site.skip_reason = float_weight_problem(weight)
+    if site.skip_reason:
         return site
     rank = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
@@ -169,13 +161,7 @@ def _site(family, graph, node, static_shapes, concrete_shapes) -> TransposeSite:
         in_spatial=concrete_in[2:] if concrete_in else None,
         out_spatial=concrete_out[2:] if concrete_out else None,
     )
-    site.layers = (LayerInfo(
-        info.key, info.node, info.op, info.weight_shape, info.group,
-        weight_dtype=narrowest_dtype(weight.dtype, *stored_dtypes(node.inputs[1])),
-        params_before=int(weight.size) + site.bias_size,
-        ops=(cost.conv_transpose_op(geom, geom.out_channels_per_group, kernel),),
-        positions=geom.positions,
-    ),)
+    site.price([cost.conv_transpose_op(geom, geom.out_channels_per_group, kernel)], geom.positions)
     return site
 
 

@@ -22,10 +22,10 @@ import onnx_graphsurgeon as gs
 
 from ... import cost
 from ...plan import Candidate, Part
-from ...structure import Structure, effective_tol, fit_alpha, narrowest_dtype, search
-from ..base import Emitter, LayerInfo
-from ..graphs import constant_value, drop_if_unused, stored_dtypes
-from .conv import CUMSUM_OPSET, BoxChoice, LayerSite, Lowering, layer_name
+from ...structure import Structure, effective_tol, fit_alpha, search
+from ..base import Emitter
+from ..graphs import constant_value, drop_if_unused
+from .conv import CUMSUM_OPSET, BoxChoice, LayerSite, Lowering, read_node
 from .pools import WindowSum, count
 
 OP_TYPES = ("Gemm", "MatMul")
@@ -55,9 +55,7 @@ def find(view, family: str) -> list[LinearSite]:
 
 
 def _site(family, graph, node, concrete_shapes, opset) -> LinearSite:
-    stored = constant_value(node.inputs[1])
-    info = LayerInfo(node.outputs[0].name, layer_name(node), node.op,
-                     tuple(stored.shape) if stored is not None else ())
+    stored, bias, _, info = read_node(node)
     site = LinearSite(family=family, layers=(info,), graph=graph, node=node, opset=opset)
     if stored is None:
         site.skip_reason = "weight is not a constant"
@@ -76,20 +74,13 @@ def _site(family, graph, node, concrete_shapes, opset) -> LinearSite:
     site.weight = stored if node.op == "Gemm" and node.attrs.get("transB", 0) else stored.T
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         site.feature_axis = 0
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    bias_value = constant_value(bias) if bias is not None else None
-    site.bias_size = int(bias_value.size) if bias_value is not None else 0
+    site.bias_size = int(bias.size) if bias is not None else 0
     x_dims = concrete_shapes.get(node.inputs[0].name)
     rows = None
     if x_dims and all(isinstance(d, int) for d in x_dims):
         rows = int(np.prod(x_dims)) // site.weight.shape[1]
     geom = site.geometry = cost.LinearGeometry(rows, site.weight.shape[1], site.weight.shape[0])
-    site.layers = (LayerInfo(
-        info.key, info.node, info.op, info.weight_shape,
-        weight_dtype=narrowest_dtype(site.weight.dtype, *stored_dtypes(node.inputs[1])),
-        params_before=int(site.weight.size) + site.bias_size,
-        ops=(cost.linear_op(geom, geom.in_features),), positions=geom.positions,
-    ),)
+    site.price([cost.linear_op(geom, geom.in_features)], geom.positions)
     return site
 
 

@@ -1,5 +1,5 @@
 """``python -m sconv_onnx``: the same as the ``sconv-onnx`` command."""
 
-from .cli import main
+from .entry import main
 
 raise SystemExit(main())

@@ -15,7 +15,7 @@ from .bench import bench
 from .errors import InputError, first_line
 from .measure import Measurer
 from .modelio import load_model
-from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options, check_bound, check_count
 from .plan import Plan
 from .report import Report
 from .runtime import run
@@ -132,6 +132,7 @@ def optimize(
             ``report`` attribute holds the report (exit code 1).
     """
     options = _options(tol, select, families, target_macs, alpha_fit, seed, threads, calib_data)
+    check_bound(max_error)
     return pipeline.optimize(model_or_path, options, input_shapes=input_shapes, inputs=inputs,
                              verify=verify, max_error=max_error, calib_data=calib_data)
 
@@ -165,6 +166,8 @@ def bench_models(models, *, names=None, input_shapes=None, inputs=None, seed: in
     paths are checked without reading their external data and timed by
     onnxruntime from the files.
     """
+    for name, minimum in (("threads", 1), ("runs", 1), ("warmup", 0)):
+        check_count(name, options.get(name), minimum)
     first = load_model(models[0], weights=False)
     for model in models[1:]:
         load_model(model, weights=False)

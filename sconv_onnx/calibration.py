@@ -9,31 +9,29 @@ multiple of ``b``); one with a dynamic batch dim runs them up to
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 
-from .errors import InputError, first_line
-from .runtime import run_many, session
-from .shapes import declared_dims, graph_inputs, load_inputs_file
-from .verify import check_feeds
+from .errors import InputError, first_line, param
+from .runtime import run_many, session_with_outputs
+from .shapes import declared_dims, graph_inputs
+from .verify import user_feeds
 
 #: Samples per onnxruntime run when the batch dim is dynamic.
 CHUNK = 8
 
 
 def load_calibration(model: onnx.ModelProto, source) -> list[dict[str, np.ndarray]]:
-    """The calibration arrays (a path to an ``.npz`` or a dict) split into runnable chunks."""
-    arrays = load_inputs_file(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-    arrays = check_feeds(model, arrays)
+    """The calibration arrays (a path to an ``.npz``, of which only the arrays the model
+    takes are read, or a dict) checked and split into runnable chunks."""
+    arrays = user_feeds(model, source, "calib_data")
     for inp in graph_inputs(model):
         dims, shape = declared_dims(inp), arrays[inp.name].shape
         clash = len(dims) != len(shape) or any(
             isinstance(want, int) and want != have for want, have in zip(dims[1:], shape[1:]))
         if dims and clash:
             wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in dims)
-            raise InputError(f"--calib-data {inp.name!r} has shape {'x'.join(map(str, shape))}; "
+            raise InputError(f"{param('calib_data')} {inp.name!r} has shape {'x'.join(map(str, shape))}; "
                              f"the model wants N x {wanted.partition('x')[2]} (N samples)")
     return split_batches(model, arrays)
 
@@ -42,15 +40,15 @@ def split_batches(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> list
     """``arrays`` cut along axis 0 into chunks of the model's batch size (see the module doc)."""
     counts = {len(value) if value.ndim else 0 for value in arrays.values()}
     if len(counts) != 1 or 0 in counts:
-        raise InputError("--calib-data arrays must all have the same leading (sample) dim")
+        raise InputError(f"{param('calib_data')} arrays must all have the same leading (sample) dim")
     samples = counts.pop()
     fixed = {dims[0] for dims in (declared_dims(inp) for inp in graph_inputs(model))
              if dims and isinstance(dims[0], int)}
     if len(fixed) > 1:
-        raise InputError("--calib-data: the model's inputs declare different batch sizes")
+        raise InputError(f"{param('calib_data')}: the model's inputs declare different batch sizes")
     size = fixed.pop() if fixed else CHUNK
     if fixed and samples % size:
-        raise InputError(f"--calib-data has {samples} samples; the model takes batches of {size}")
+        raise InputError(f"{param('calib_data')} has {samples} samples; the model takes batches of {size}")
     return [{name: value[start:start + size] for name, value in arrays.items()}
             for start in range(0, samples, size)]
 
@@ -66,21 +64,14 @@ def sample_tensors(model: onnx.ModelProto, batches: list[dict], requests: list) 
     inputs = {inp.name for inp in graph_inputs(model)}
     names = list(dict.fromkeys(name for name, _ in requests))
     extra = [name for name in names if name not in inputs]
-    existing = {out.name for out in model.graph.output}
-    added = [name for name in extra if name not in existing]
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-    try:
-        sess = session(model)
-    finally:
-        for _ in added:
-            model.graph.output.pop()
+    sess = session_with_outputs(model, extra)
     kept: list[list] = [[] for _ in requests]
     for feeds in batches:
         try:
             values = dict(zip(extra, sess.run(extra, feeds))) if extra else {}
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
             raise InputError(
-                f"onnxruntime cannot run the model on --calib-data: {first_line(exc)}") from None
+                f"onnxruntime cannot run the model on {param('calib_data')}: {first_line(exc)}") from None
         values.update({name: feeds[name] for name in names if name in inputs})
         for parts, (name, sampler) in zip(kept, requests):
             parts.append(sampler(values[name], len(batches)))

@@ -8,7 +8,6 @@ usage (one line on stderr); 3 internal error (one line; set
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -17,14 +16,21 @@ from pathlib import Path
 from . import __version__
 from .api import analyze, bench_models, optimize, verify_models
 from .bench import default_threads, format_result
-from .errors import InputError, SconvError, VerificationError, first_line
-from .modelio import check_output_path, save_model, write_atomic
-from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL
+from .errors import (
+    PROG,
+    InputError,
+    SconvError,
+    Terminated,
+    VerificationError,
+    command_line_names,
+    first_line,
+    stopped,
+)
+from .modelio import check_output_paths, model_files, save_model, write_atomic
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, check_bound, check_count
 from .passes import registered, resolve
 from .plan import SELECT_MODES
-from .report import layer_table, table
-
-PROG = "sconv-onnx"
+from .report import json_text, layer_table, table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     opt.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     opt.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
-                     help="write the weights to one file OUT.data beside OUT (default: only when "
+                     help="write the weights to one file beside OUT, OUT.<token>.data (a name unique "
+                          "to the run, so concurrent writers never mix files; default: only when "
                           "the model is above protobuf's 2 GiB limit; --no-external-data "
                           "refuses such a model instead)")
     opt.add_argument("--quiet", action="store_true", help="print only the summary line")
@@ -143,17 +150,20 @@ def _build_parser() -> argparse.ArgumentParser:
 def _summary_line(report, out: str) -> str:
     plan, before, after = report.plan, report.before, report.after
     macs = f", MACs x{after.macs / before.macs:.3f}" if before.macs and after.macs is not None else ""
-    error = "" if report.errors is None else f", max rel error {report.max_rel_error:.2g}"
+    if report.errors is None:
+        verdict = ", NOT verified (--no-verify)"
+    elif report.status == "UNBOUNDED":
+        verdict = f", UNBOUNDED: max rel error {report.max_rel_error:.2g} (no --max-error)"
+    else:
+        verdict = f", {report.status}: max rel error {report.max_rel_error:.2g}"
     return (f"wrote {out}: {len(plan.rewritten)}/{len(plan.layers)} layers rewritten, "
-            f"params x{after.params / max(1, before.params):.3f}{macs}{error}")
+            f"params x{after.params / max(1, before.params):.3f}{macs}{verdict}")
 
 
 def _optimize(args) -> int:
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file")
-    check_output_path(args.input, args.output, external_data=args.external_data)
-    if args.report:
-        check_output_path(args.input, args.report)
+    check_output_paths(args.input, args.output, args.report)
     try:
         model, report = optimize(
             args.input, tol=args.tol, select=args.select, families=args.families,
@@ -166,10 +176,11 @@ def _optimize(args) -> int:
         if exc.report is not None and not args.quiet:
             print(exc.report.format())
         raise
-    data = save_model(model, args.output, external_data=args.external_data)
+    data = save_model(model, args.output, external_data=args.external_data,
+                      keep=model_files(args.input))
     del model  # --bench reads both models from their files
     if args.report:
-        write_atomic(args.report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        write_atomic(args.report, json_text(report.to_dict()).encode())
     if not args.quiet:
         print(report.format())
     written = args.output if data is None else f"{args.output} (weights in {data.name})"
@@ -183,11 +194,9 @@ def _optimize(args) -> int:
     return 0
 
 
-def _check_positive(args) -> None:
-    for key in ("threads", "runs", "warmup"):
-        value = getattr(args, key, None)
-        if value is not None and (value < 1 if key != "warmup" else value < 0):
-            raise InputError(f"--{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {value}")
+def _check_counts(args) -> None:
+    for name, minimum in (("threads", 1), ("runs", 1), ("warmup", 0)):
+        check_count(name, getattr(args, name, None), minimum)
 
 
 def _bench(args) -> int:
@@ -197,7 +206,7 @@ def _bench(args) -> int:
         threads=args.threads, runs=args.runs, warmup=args.warmup, profile=args.profile,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json_text(result.to_dict()), end="")
     else:
         for name, path in zip(("A", "B"), paths):
             print(f"{name}: {path}")
@@ -210,11 +219,12 @@ def _analyze(args) -> int:
                    input_shapes=args.input_shape,
                    calib_data=args.calib_data, target_macs=args.target_macs,
                    alpha_fit=args.alpha_fit)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else layer_table(plan))
+    print(json_text(plan.to_dict()) if args.json else layer_table(plan) + "\n", end="")
     return 0
 
 
 def _verify(args) -> int:
+    check_bound(args.max_error)
     errors, shapes = verify_models(
         args.first, args.second, input_shapes=args.input_shape, inputs=args.inputs
     )
@@ -224,7 +234,11 @@ def _verify(args) -> int:
     for note in shapes.notes:
         print(f"note: {note}")
     for err in errors:
-        print(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
+        problem = f" ({err.problem})" if err.problem else ""
+        print(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}{problem}")
+    broken = next((err for err in errors if err.problem), None)
+    if broken is not None:
+        raise VerificationError(f"outputs differ: {broken.name!r}: {broken.problem}")
     if worst > args.max_error:
         raise VerificationError(f"outputs differ: max relative error {worst:.3g} > {args.max_error:g}")
     print(f"PASS: max relative error {worst:.3g} <= {args.max_error:g}")
@@ -232,14 +246,18 @@ def _verify(args) -> int:
 
 
 def _demo(args) -> int:
-    import onnx
-
     from .models import demo_cnn
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"{args.out}: is a file; --out takes a folder")
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sconv-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot make the folder ({exc.strerror or exc})") from None
     source, target = folder / "demo_cnn.onnx", folder / "demo_cnn.sconv.onnx"
-    onnx.save(demo_cnn.build(), str(source))
+    check_output_paths(None, source, target)
+    save_model(demo_cnn.build(), source)
     print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured)")
     print(f"$ {PROG} optimize {source} {target}\n")
     return _optimize(argparse.Namespace(
@@ -264,23 +282,42 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Run the command line; returns the exit code (see the module doc).
+
+    Interrupts end with one line: SIGINT 130, SIGTERM 143 (where
+    :mod:`sconv_onnx.entry` installed the handler); temporary files are
+    removed on the way out.  A closed stdout (``| head``) ends quietly, 141.
+    """
     try:
-        args = _build_parser().parse_args(argv)
-        _check_positive(args)
-        return _COMMANDS[args.command](args)
+        with command_line_names():
+            args = _build_parser().parse_args(argv)
+            _check_counts(args)
+            code = _COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+            return code
     except SconvError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        return stopped(exc)
+    except BrokenPipeError:
+        _drop_stdout()
+        return 141
     except Exception as exc:  # one line, not a traceback; the env var shows it
         if os.environ.get("SCONV_ONNX_DEBUG"):
             raise
         print(f"{PROG}: internal error: {type(exc).__name__}: {first_line(exc)} "
               f"(set SCONV_ONNX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ references to an external file), and onnxruntime reads models from a path
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -67,10 +69,11 @@ _PACKED_BITS = {
 }
 
 
-def data_path(out_path: str | os.PathLike) -> Path:
-    """The external data file written beside ``out_path``: ``<out>.data``."""
+def data_path(out_path: str | os.PathLike, token: str | None = None) -> Path:
+    """The external data file written beside ``out_path``: ``<out>.<token>.data`` (a
+    token unique to the write, :func:`save_model`), or ``<out>.data``."""
     out = Path(out_path)
-    return out.with_name(out.name + ".data")
+    return out.with_name(f"{out.name}.{token}.data" if token else f"{out.name}.data")
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:
@@ -299,11 +302,43 @@ def _external_file(model_path: Path, tensor: TensorProto) -> tuple[Path, int, in
     except ValueError:
         raise InputError(f"{model_path}: tensor {tensor.name!r} has a non-integer external "
                          f"data offset or length") from None
-    return model_path.parent / location, offset, length
+    if offset < 0 or (length is not None and length < 0):
+        raise InputError(f"{model_path}: tensor {tensor.name!r} has a negative external data "
+                         f"offset or length")
+    # onnx reads to the end of the file when the length is missing or 0
+    return model_path.parent / location, offset, length or None
+
+
+def _expected_nbytes(tensor: TensorProto) -> int | None:
+    """Bytes ``tensor``'s dims and type take (:func:`tensor_nbytes`), or None when the
+    type has no fixed size (strings, undefined)."""
+    if tensor.data_type in (TensorProto.UNDEFINED, TensorProto.STRING):
+        return None
+    return tensor_nbytes(tensor)
+
+
+def _external_size_problem(tensor: TensorProto, file: Path, offset: int, length: int | None,
+                           file_size: int) -> str | None:
+    """Why the bytes onnx would read for ``tensor`` (``length`` from ``offset``, or the rest of
+    the file without a length) are not the tensor's dims x item size, or None."""
+    needed = _expected_nbytes(tensor)
+    dims = "x".join(map(str, tensor.dims)) or "scalar"
+    if length is not None and needed is not None and length != needed:
+        return (f"tensor {tensor.name!r} has external data of {length} bytes, its dims "
+                f"{dims} need {needed}")
+    end = offset + (length if length is not None else needed if needed is not None else 0)
+    if end > file_size:
+        return (f"external data file {file} is truncated: tensor {tensor.name!r} needs bytes "
+                f"{offset}..{end}, the file has {file_size}")
+    if length is None and needed is not None and file_size - offset != needed:
+        return (f"tensor {tensor.name!r} has external data with no length, read to the end of "
+                f"{file}: {file_size - offset} bytes, its dims {dims} need {needed}")
+    return None
 
 
 def _check_external_files(model: onnx.ModelProto, model_path: Path) -> None:
-    """Every external data file exists and holds each tensor's bytes: one-line InputError if not."""
+    """Every external data file exists and holds each tensor's bytes, as many as its dims and
+    type take: one-line InputError if not."""
     sizes: dict[Path, int] = {}
     for tensor in iter_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
@@ -314,10 +349,9 @@ def _check_external_files(model: onnx.ModelProto, model_path: Path) -> None:
                 raise InputError(f"{model_path}: external data file {file} is missing "
                                  f"(it holds tensor {tensor.name!r})")
             sizes[file] = file.stat().st_size
-        end = offset + (length if length is not None else tensor_nbytes(tensor))
-        if end > sizes[file]:
-            raise InputError(f"{model_path}: external data file {file} is truncated: tensor "
-                             f"{tensor.name!r} needs bytes {offset}..{end}, the file has {sizes[file]}")
+        problem = _external_size_problem(tensor, file, offset, length, sizes[file])
+        if problem:
+            raise InputError(f"{model_path}: {problem}")
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -367,6 +401,9 @@ def load_model(
     if isinstance(model_or_path, onnx.ModelProto):
         _check(model_or_path, None, "model")
         return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise InputError(f"expected an onnx.ModelProto or a path to an .onnx file, "
+                         f"got {type(model_or_path).__name__}")
     path = Path(model_or_path)
     model = _parse(path)
     _check_external_files(model, path)
@@ -394,37 +431,66 @@ def model_files(path: str | os.PathLike) -> set[Path]:
 
 
 # --- saving ----------------------------------------------------------------------------------
+#
+# Temporary files are named ``.<out name>.sconv-<pid>-<random>.tmp`` beside the output: a run
+# removes its own on any exit it survives (errors, SIGINT, SIGTERM: the CLI turns signals into
+# exceptions), and the next run writing there removes those of processes that no longer exist
+# (a SIGKILL).  External data goes to ``<out name>.<token>.data``, a name unique to the run and
+# referenced by the model: two runs writing the same OUT at once can only leave one model with
+# its own data, never one run's model with the other's data.
+
+_TMP_MARK = ".sconv-"
+
+
+def check_output_paths(in_path: str | os.PathLike | None, out_path: str | os.PathLike,
+                       *others: str | os.PathLike | None) -> Path:
+    """Validate ``out_path`` and the further output files ``others`` (e.g. a report)
+    before any work; :class:`InputError` if one is not writable, names a folder, equals
+    another or is a file of the input model (which is never overwritten)."""
+    paths = [Path(out_path)] + [Path(other) for other in others if other is not None]
+    protected = model_files(in_path) if in_path is not None and Path(in_path).is_file() else set()
+    if in_path is not None:
+        protected.add(Path(in_path).resolve())
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        check_writable(path)
+        resolved = path.resolve()
+        if resolved in protected or (path.exists() and any(
+                file.exists() and os.path.samefile(path, file) for file in protected)):
+            what = ("equals the input" if resolved == Path(in_path).resolve()
+                    else f"is a file of the input model {in_path}")
+            raise InputError(f"{path}: {what}; refusing to overwrite it")
+        if resolved in seen:
+            raise InputError(f"{path}: given for two outputs ({seen[resolved]} and {path}); "
+                             f"each output needs its own file")
+        seen[resolved] = path
+    return paths[0]
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """:class:`InputError` unless a file can be created at ``path``: its folder exists and
+    takes new files (tried with an anonymous temporary file), and it is not a folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; give a file name")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{out}: folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write in {folder} ({exc.strerror or exc})") from None
+    return out
 
 
 def check_output_path(
     in_path: str | os.PathLike | None, out_path: str | os.PathLike, external_data: bool = False
 ) -> Path:
-    """Validate ``out_path`` before any work: its folder exists, it is not one of the input's files.
-
-    With ``external_data`` (True, or None: maybe) ``<out>.data`` must not be
-    one of them either: the input model and its external data files are
-    never overwritten.
-    """
-    out = Path(out_path)
-    if out.exists() and out.is_dir():
-        raise InputError(f"{out}: is a directory; give a file name for the output model")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{out}: folder {folder} does not exist")
-    if in_path is None:
-        return out
-    source = Path(in_path)
-    if source.resolve() == out.resolve() or (out.exists() and source.exists()
-                                             and os.path.samefile(source, out)):
-        raise InputError(f"{out}: output equals the input; refusing to overwrite it")
-    targets = [out] + ([data_path(out)] if external_data is not False else [])
-    if any(target.exists() for target in targets) and source.is_file():
-        inputs = model_files(source)
-        for target in targets:
-            if target.resolve() in inputs:
-                raise InputError(f"{target}: is a file of the input model {source}; "
-                                 f"refusing to overwrite it")
-    return out
+    """:func:`check_output_paths` for one output (``external_data`` is accepted for
+    compatibility: the data file's name is unique to each write)."""
+    del external_data
+    return check_output_paths(in_path, out_path)
 
 
 def _sync(handle) -> None:
@@ -440,6 +506,30 @@ def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
             _sync(handle)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``out`` whose process is gone
+    (killed mid-write); returns them."""
+    folder = out.parent if str(out.parent) else Path(".")
+    prefix = f".{out.name}{_TMP_MARK}"
+    removed = []
+    for candidate in folder.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = candidate.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextmanager
 def _staged(out: Path) -> Iterator[Path]:
     """A fresh temporary name beside ``out`` (hidden), removed on exit unless renamed.
@@ -448,7 +538,8 @@ def _staged(out: Path) -> Iterator[Path]:
     ``mkstemp``'s 0600) and renames it over ``out`` when complete, so that
     a reader never sees a half-written file and a failure leaves nothing.
     """
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    remove_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}.tmp"
     try:
         yield tmp
     finally:
@@ -463,18 +554,36 @@ def write_atomic(out_path: str | os.PathLike, data: bytes) -> None:
         os.replace(tmp, out)
 
 
+def _own_data_files(out: Path) -> set[Path]:
+    """The external data files the model now at ``out`` references that an earlier write
+    of ``out`` made (``<out>.data`` or ``<out>.<token>.data``)."""
+    if not out.is_file():
+        return set()
+    try:
+        model = onnx.load(str(out), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return set()
+    pattern = re.compile(rf"{re.escape(out.name)}(\.[0-9a-f]+)?\.data")
+    return {out.parent / _location(tensor) for tensor in iter_tensors(model)
+            if tensor.data_location == TensorProto.EXTERNAL
+            and pattern.fullmatch(_location(tensor))}
+
+
 def save_model(
-    model: onnx.ModelProto, out_path: str | os.PathLike, external_data: bool | None = None
+    model: onnx.ModelProto, out_path: str | os.PathLike, external_data: bool | None = None,
+    keep: set[Path] | frozenset[Path] = frozenset(),
 ) -> Path | None:
     """Write ``model`` to ``out_path`` atomically; return the external data file if one was written.
 
     ``external_data``: True puts every tensor of at least
-    :data:`EXTERNAL_MIN_BYTES` in one file ``<out>.data`` beside the model;
-    None (default) does so only when the model is above
-    :data:`PROTOBUF_LIMIT` (it cannot be one message); False refuses such
-    a model with an :class:`InputError`.  With external data both files
-    are written to temporary names first, then renamed (the data, then the
-    model): a failure leaves neither (nor a half-written one).
+    :data:`EXTERNAL_MIN_BYTES` in one file ``<out>.<token>.data`` beside the
+    model (``token``: random, one per write); None (default) does so only
+    when the model is above :data:`PROTOBUF_LIMIT` (it cannot be one
+    message); False refuses such a model with an :class:`InputError`.  Both
+    files are written to temporary names first, then renamed (the data, then
+    the model): a failure leaves neither (nor a half-written one).  The data
+    file of the model replaced at ``out_path``, if an earlier write made it,
+    is removed afterwards, unless it is in ``keep`` (resolved paths).
     """
     out = Path(out_path)
     split = weightless(model)
@@ -484,18 +593,23 @@ def save_model(
             f"{out}: the model needs about {split.serialized_size / 2**30:.2f} GiB, above "
             f"protobuf's 2 GiB limit for one file; save it with external data (--external-data)"
         )
+    replaced = _own_data_files(out)
     if not (external_data or too_big):
         write_atomic(out, model.SerializeToString())
-        return None
-    data = data_path(out)
-    with _staged(data) as data_tmp, _staged(out) as model_tmp:
-        split.write(model_tmp, data_tmp, data.name)
-        os.replace(data_tmp, data)
-        try:
-            os.replace(model_tmp, out)
-        except BaseException:
-            data.unlink(missing_ok=True)
-            raise
+        data = None
+    else:
+        data = data_path(out, secrets.token_hex(4))
+        with _staged(data) as data_tmp, _staged(out) as model_tmp:
+            split.write(model_tmp, data_tmp, data.name)
+            os.replace(data_tmp, data)
+            try:
+                os.replace(model_tmp, out)
+            except BaseException:
+                data.unlink(missing_ok=True)
+                raise
+    for old in replaced:
+        if old != data and old.resolve() not in keep:
+            old.unlink(missing_ok=True)
     return data
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx
 
 from .budget import ALPHA_FITS
-from .errors import InputError
+from .errors import InputError, param
 from .passes import resolve
 from .plan import SELECT_MODES, Plan, SelectMode
 
@@ -40,20 +41,48 @@ class Options:
 
     def check(self, calibration: bool = False) -> Options:
         """Raise :class:`InputError` on a bad setting; ``calibration``: data was given."""
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise InputError(f"--tol must be a number >= 0, got {self.tol!r}")
+        if not (_is_number(self.tol) and self.tol >= 0):
+            raise InputError(f"{param('tol')} must be a finite number >= 0, got {self.tol!r}")
         if self.select not in SELECT_MODES:
-            raise InputError(f"--select must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
+            raise InputError(f"{param('select')} must be one of {', '.join(SELECT_MODES)}, "
+                             f"got {self.select!r}")
         if self.target_macs is not None:
-            if not (isinstance(self.target_macs, (int, float)) and 0 < self.target_macs <= 1):
-                raise InputError(f"--target-macs must be a fraction in (0, 1], got {self.target_macs!r}")
+            if not (_is_number(self.target_macs) and 0 < self.target_macs <= 1):
+                raise InputError(f"{param('target_macs')} must be a fraction in (0, 1], "
+                                 f"got {self.target_macs!r}")
             if not calibration:
-                raise InputError("--target-macs needs --calib-data (a batch of real inputs, .npz)")
+                raise InputError(f"{param('target_macs')} needs {param('calib_data')} "
+                                 f"(a batch of real inputs)")
         if self.alpha_fit not in ALPHA_FITS:
-            raise InputError(f"--alpha-fit must be one of {', '.join(ALPHA_FITS)}, got {self.alpha_fit!r}")
+            raise InputError(f"{param('alpha_fit')} must be one of {', '.join(ALPHA_FITS)}, "
+                             f"got {self.alpha_fit!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
+            raise InputError(f"{param('seed')} must be an integer >= 0, got {self.seed!r}")
+        check_count("threads", self.threads, minimum=1)
         if self.families is not None:
             resolve(self.families)  # unknown or no names: an InputError before any work
         return self
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_bound(max_error) -> float | None:
+    """``max_error`` if it is None or a finite number >= 0; else :class:`InputError`."""
+    if max_error is not None and not (_is_number(max_error) and max_error >= 0):
+        raise InputError(f"{param('max_error')} must be a finite number >= 0, got {max_error!r}")
+    return max_error
+
+
+def check_count(name: str, value, minimum: int) -> int | None:
+    """``value`` if it is None or an integer >= ``minimum``; else :class:`InputError`
+    naming the setting ``name``."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and value >= minimum):
+        raise InputError(f"{param(name)} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def default_max_error(model: onnx.ModelProto, plan: Plan | None = None) -> float:

@@ -13,15 +13,15 @@ anything.  :func:`optimize` is the whole run behind
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass, field
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import revert
+from . import layercheck, revert
 from .calibration import accuracy_proxy, load_calibration, run_batches, sample_tensors
 from .errors import InputError, VerificationError, first_line
+from .layercheck import FAIL
 from .measure import Measurer
 from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
 from .options import DEFAULT_TOL, Options, default_max_error
@@ -35,12 +35,11 @@ from .select import Settings, SiteEntry, select
 from .shapes import (
     ResolvedShapes,
     infer_tensor_shapes,
-    load_inputs_file,
     parse_shape_hints,
     resolve_input_shapes,
 )
 from .stats import model_stats
-from .verify import check_feeds, compare_outputs, random_feeds
+from .verify import compare_outputs, random_feeds, user_feeds
 from .view import ModelView
 
 
@@ -68,10 +67,7 @@ class Analysis:
 def resolve_inputs(model: onnx.ModelProto, input_shapes, inputs,
                    strict: bool) -> tuple[dict | None, ResolvedShapes]:
     """User arrays (from a dict or an ``.npz``) and the concrete input shapes."""
-    feeds = None
-    if inputs is not None:
-        feeds = load_inputs_file(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
-        feeds = check_feeds(model, feeds)
+    feeds = None if inputs is None else user_feeds(model, inputs)
     hints = parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict) else input_shapes)
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
@@ -213,8 +209,9 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
         if decided.model_ratio <= revert.WHOLE_MODEL_MARGIN:
             break
         revert.exclude_least_gainful(decided, decided.model_ratio, excluded)
+    layer_base = default_max_error(source, decided)
     if max_error is None and options.tol <= DEFAULT_TOL and options.target_macs is None:
-        max_error = default_max_error(source, decided)
+        max_error = layer_base
     report = Report(
         plan=decided,
         before=model_stats_of(source, analysis.view.concrete_shapes),
@@ -224,22 +221,28 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
         max_error=max_error,
     )
     feeds = analysis.verification_feeds(options.seed) if verify else None
+    shapes = analysis.shapes.shapes
     # The graph view holds its own copy of every weight a family read and is cyclic (nodes and
-    # tensors point at each other): for a large model, collect it and drop the loaded model
-    # before onnxruntime loads the models (a path input is run from its file).  A collection
-    # takes ~0.1 s in a busy process: not worth it for a small one.
-    del source, analysis
-    if report.before.size > LARGE_MODEL_BYTES:
+    # tensors point at each other): for a large model, collect it before the layer checks, and
+    # drop the loaded model after them, before onnxruntime loads the models (a path input is
+    # run from its file).  A collection takes ~0.1 s in a busy process: not worth it for a
+    # small model.
+    large = report.before.size > LARGE_MODEL_BYTES
+    del analysis
+    if large:
+        gc.collect()
+    if verify:
+        report.layer_checks = layercheck.check_layers(
+            source, rewritten, decided.rewritten, shapes,
+            layer_base if max_error is None else max_error, options.seed, feeds)
+    del source
+    if large:
         gc.collect()
     if verify:
         report.errors = verify_outputs(runnable, rewritten, feeds, report.notes)
         if batches is not None:
             report.calibration = accuracy_proxy(run_batches(runnable, batches),
                                                 run_batches(rewritten, batches))
-        if not report.verified:
-            raise VerificationError(
-                f"verification failed: max relative error {report.max_rel_error:.3g} "
-                f"exceeds {max_error:g}",
-                report,
-            )
+        if report.status == FAIL:
+            raise VerificationError(f"verification failed: {report.outcome()}", report)
     return rewritten, report

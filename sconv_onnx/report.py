@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
+from .errors import param
+from .layercheck import FAIL, PASS, SKIPPED, UNBOUNDED, LayerCheck
 from .plan import Plan
 from .stats import ModelStats
 from .verify import OutputError
@@ -105,7 +109,9 @@ def calibration_line(proxy: dict) -> str:
 class Report:
     """What :func:`sconv_onnx.optimize` did: the plan and what was measured.
 
-    ``errors`` is None when verification was skipped.
+    ``errors`` (the end-to-end check) and ``layer_checks`` (each rewritten
+    layer on its own, :mod:`sconv_onnx.layercheck`) are None when
+    verification was skipped.
     """
 
     plan: Plan
@@ -117,6 +123,7 @@ class Report:
     max_error: float | None = None
     #: with calibration data: :func:`sconv_onnx.calibration.accuracy_proxy` on all of it
     calibration: dict | None = None
+    layer_checks: list[LayerCheck] | None = None
 
     @property
     def max_rel_error(self) -> float | None:
@@ -124,12 +131,32 @@ class Report:
             return None
         return max((e.max_rel for e in self.errors), default=0.0)
 
+    def failures(self) -> list[str]:
+        """Why verification failed, one entry per reason (empty: it did not)."""
+        failed = [f"output {e.name!r}: {e.problem}" for e in self.errors or () if e.problem]
+        worst = self.max_rel_error
+        if not failed and self.max_error is not None and worst is not None and worst > self.max_error:
+            failed.append(f"max relative error {worst:.3g} exceeds {self.max_error:g}")
+        for check in self.layer_checks or ():
+            if check.status == FAIL:
+                failed.append(f"layer {check.layer.node!r} alone: {check.summary()}")
+        return failed
+
+    @property
+    def status(self) -> str:
+        """``PASS`` (every check ran and met its bound), ``FAIL``, ``UNBOUNDED`` (the
+        layers met theirs, the outputs' error has no bound: ``max_error`` None) or
+        ``SKIPPED``."""
+        if self.errors is None:
+            return SKIPPED
+        if self.failures():
+            return FAIL
+        return UNBOUNDED if self.max_error is None else PASS
+
     @property
     def verified(self) -> bool:
-        """Verification ran and stayed within ``max_error`` (when one was set)."""
-        if self.errors is None:
-            return False
-        return self.max_error is None or self.max_rel_error <= self.max_error
+        """Verification ran and every check met its bound (:attr:`status` is ``PASS``)."""
+        return self.status == PASS
 
     def to_dict(self) -> dict:
         return {
@@ -140,9 +167,12 @@ class Report:
             "notes": list(self.notes),
             "calibration": self.calibration,
             "verification": None if self.errors is None else {
+                "status": self.status,
                 "outputs": [e.to_dict() for e in self.errors],
                 "max_rel_error": self.max_rel_error,
                 "max_error": self.max_error,
+                "layers": [check.to_dict() for check in self.layer_checks or ()],
+                "failures": self.failures(),
                 "passed": self.verified,
             },
         }
@@ -153,12 +183,26 @@ class Report:
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in self.input_shapes.items())
         lines = [f"verification on {shapes}:"]
         for err in self.errors:
-            lines.append(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}")
-        bound = f" (bound {self.max_error:g})" if self.max_error is not None else " (no bound set)"
-        lines.append(f"  {'PASS' if self.verified else 'FAIL'}: max rel error {self.max_rel_error:.3g}{bound}")
+            problem = f" ({err.problem})" if err.problem else ""
+            lines.append(f"  {err.name}: max abs {err.max_abs:.3g}, max rel {err.max_rel:.3g}{problem}")
+        lines += layer_check_lines(self.layer_checks or [])
+        lines.append(f"  {self.status}: {self.outcome()}")
         if self.calibration is not None:
             lines.append(calibration_line(self.calibration))
         return lines
+
+    def outcome(self) -> str:
+        """The verdict's words after the status (see :attr:`status`)."""
+        worst = f"max rel error {self.max_rel_error:.3g}"
+        status = self.status
+        if status == FAIL:
+            failures = self.failures()
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            return failures[0] + more
+        if status == UNBOUNDED:
+            return (f"{worst}, checked against NO bound (give {param('max_error')} to set one); "
+                    f"each rewritten layer is within its own bound")
+        return f"{worst} <= {self.max_error:g}"
 
     def format(self) -> str:
         """The human-readable report: layers, before/after, verification."""
@@ -166,3 +210,31 @@ class Report:
         parts += [f"note: {note}" for note in self.notes]
         parts += self.verification_lines()
         return "\n".join(parts)
+
+
+def layer_check_lines(checks: list[LayerCheck]) -> list[str]:
+    """The per-layer checks in one line, and a line per layer not passed."""
+    if not checks:
+        return []
+    passed = sum(check.status == PASS for check in checks)
+    lines = [f"  rewritten layers alone: {passed}/{len(checks)} within their bounds"]
+    lines += [f"    {check.layer.node}: {check.status} ({check.summary()})"
+              for check in checks if check.status != PASS]
+    return lines
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by its name (``"inf"``, ``"nan"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def json_text(data) -> str:
+    """``data`` as strict JSON (non-finite floats as the strings ``"inf"``, ``"-inf"``,
+    ``"nan"``: JSON has no such numbers)."""
+    return json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"

@@ -64,6 +64,19 @@ def _create(model: onnx.ModelProto | str | os.PathLike, options) -> ort.Inferenc
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A :func:`session` of ``model`` that can also return the tensors ``names`` (of its
+    main graph): added to its outputs for the session, removed again after."""
+    existing = {out.name for out in model.graph.output}
+    added = [name for name in dict.fromkeys(names) if name not in existing]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        return session(model)
+    finally:
+        for _ in added:
+            model.graph.output.pop()
+
+
 #: the report note when a model ran widened (see :mod:`sconv_onnx.widen`)
 WIDENED_NOTE = ("bfloat16 model: onnxruntime's CPU provider cannot run it, so both models were "
                 "verified with every bfloat16 tensor widened to float32 (exact for the weights; "

@@ -20,7 +20,15 @@ docs/DESIGN.md section 1):
   structured axis, and the projection ``A alpha`` applies ``A_m pinv(A_m)``
   per axis.  All math runs in float64.
 * The relative residual ``||W - A alpha||_F / ||W||_F`` is a layer's distance
-  from the structure (0 for an all-zero weight).
+  from the structure (0 for an all-zero weight).  It does not change when
+  ``W`` is scaled, so the search works on ``W`` scaled by a power of two to
+  ``max|W|`` in ``[0.5, 1)`` (exact; no square overflows).  A weight holding
+  NaN or Inf has no residual: :func:`search` and :func:`relative_residual`
+  raise ``ValueError`` for it.
+* The search's work grows with ``prod(K)^3`` and ``C^2`` (:func:`search_flops`);
+  :func:`search_problem` says when a weight's shape is beyond
+  :data:`MAX_KERNEL_ELEMENTS` or :data:`MAX_SEARCH_FLOPS`, and :func:`search`
+  refuses such a weight.
 """
 
 from __future__ import annotations
@@ -45,6 +53,37 @@ WIDE_MARGIN = 1e-5
 #: squared bound exceeds 4x its expectation with probability about 1e-4);
 #: screen with slack.
 SKETCH_SLACK = 2.0
+#: Largest kernel, in elements ``prod(K)``, the search takes: it holds ``prod(K)^2``
+#: spatial Gram matrices and projectors (8 MiB each at 1024).  Kernels in use are far
+#: smaller (7x7x7 = 343, 11x11 = 121); a 128x128 kernel (16384) would need 2 GiB per
+#: projector and ran for minutes.
+MAX_KERNEL_ELEMENTS = 1024
+#: :func:`search_flops` counts flops of large matrix products; the other steps are
+#: weighted by how much slower they ran on the 2-core test machine.  An elementwise
+#: numpy pass (the projectors' Kronecker products, the screen's trigonometry) costs
+#: about 1.4 ns per element, 50 product flops (which ran at about 3.5e10 per second).
+ELEMENTWISE_FLOPS = 50
+#: The per-axis pseudo-inverses are small dense solves: about 1e10 flops per second,
+#: 3 times slower than large products (every ``n`` of a 1-D kernel of 400: 4e10 flops
+#: in 3.1 s).
+SOLVE_FLOPS = 3
+#: Elementwise passes per entry of the channel screen's ``(C-1) x C`` phase matrix:
+#: the product, the float32 cast, cos and sin.
+SCREEN_PASSES = 4
+#: Exact channel checks :func:`search_flops` counts: a structured weight passes the
+#: screen at its own size and a few more (a 1000 x 2048 weight structured at 1024: 2
+#: checks, at 1024 and 1844); twice that for margin.  At most
+#: :data:`MAX_EXACT_CHANNEL_CHECKS` run.
+EXPECTED_CHANNEL_CHECKS = 4
+#: Largest :func:`search_flops` the search takes.  On the 2-core test machine (busy),
+#: the slowest searches ran at 2.5e10 to 4e10 estimated flops per second (1-D kernels
+#: of 250-400 taps, a 24x24 kernel where every size fits): 2.5-4 s at this cap; most
+#: ran faster (a random 1000 x 2048 fully connected layer: 7e10 in 0.1-0.2 s, 1.4-3 s
+#: when structured).  Below it: a 512x512x3x3 conv (1e10, 0.1 s), a 7x7x7 3-D conv at 64
+#: channels (2e10, 0.5 s when every size fits), 11x11 kernels (9e8).  Above it: fully
+#: connected layers with 4096 inputs (4.5e11; the screen alone holds a 134 MB matrix),
+#: 1-D kernels of 400 taps (1.4e11, 3.4 s), 32x32 kernels (1.7e11, 0.9-2.7 s).
+MAX_SEARCH_FLOPS = 1e11
 
 
 def window(size: int, under: int) -> int:
@@ -113,9 +152,36 @@ def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
     return weight
 
 
-def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
-    """``||W - A alpha||_F / ||W||_F`` for the least-squares ``alpha``."""
+def is_finite(array: np.ndarray) -> bool:
+    """Whether every entry of ``array`` (any real dtype, ml_dtypes' bfloat16 included) is
+    finite."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "iufcb":  # bfloat16 and the like: numpy's kind "V"
+        array = array.astype(np.float64)
+    return bool(np.isfinite(array).all())
+
+
+def scaled(weight: np.ndarray) -> np.ndarray:
+    """``weight`` in float64, scaled by a power of two so that ``max|W|`` lies in
+    ``[0.5, 1)`` (exact; an all-zero weight stays zero).
+
+    Residuals are scale-free, and the scaled weight's squares neither overflow
+    (a float64 weight of 1e200) nor underflow.  ``ValueError`` if the weight
+    holds NaN or Inf: no structure fits it, and its residuals would be NaN.
+    """
     weight = np.asarray(weight, dtype=np.float64)
+    if not is_finite(weight):
+        raise ValueError("weight holds NaN or Inf: it has no structure")
+    largest = float(np.max(np.abs(weight), initial=0.0))
+    if largest == 0.0:
+        return weight
+    return np.ldexp(weight, -math.frexp(largest)[1])
+
+
+def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
+    """``||W - A alpha||_F / ||W||_F`` for the least-squares ``alpha`` (``ValueError``
+    for a weight holding NaN or Inf)."""
+    weight = scaled(weight)
     norm = float(np.linalg.norm(weight))
     if norm == 0.0:
         return 0.0
@@ -150,8 +216,11 @@ def _channel_gram(weight3: np.ndarray, under: int) -> np.ndarray:
     if under == channels:
         flat = weight3.reshape(-1, spatial)
         return flat.T @ flat
-    fitted = np.matmul(box_pinv(channels, under), weight3)
-    summed = np.matmul(box_basis(channels, under).T, weight3)
+    # channels first, filters and space as columns: one matrix product each (a product
+    # per filter ran 10x slower on a 4096 x 4096 weight)
+    columns = np.moveaxis(weight3, 1, 0).reshape(channels, -1)
+    fitted = box_pinv(channels, under) @ columns
+    summed = box_basis(channels, under).T @ columns
     return fitted.reshape(-1, spatial).T @ summed.reshape(-1, spatial)
 
 
@@ -163,8 +232,10 @@ def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
     """
     if norm_sq == 0.0:
         return 0.0
-    energy = float(np.sum(projector * gram.T))
-    return math.sqrt(max(0.0, 1.0 - energy / norm_sq))
+    left = 1.0 - float(np.sum(projector * gram.T)) / norm_sq
+    if not math.isfinite(left):  # never a NaN read as a fit
+        return math.inf
+    return math.sqrt(max(0.0, left))
 
 
 def _sketch(weight: np.ndarray, seed: int) -> tuple[np.ndarray, bool]:
@@ -306,6 +377,65 @@ def _feasible_channels(
     return grams
 
 
+def _solve_flops(size: int, under: int) -> float:
+    """Flops of :func:`box_pinv`: the ``under x under`` Gram, its solve for ``size`` columns."""
+    return 4.0 * under * under * size + under**3
+
+
+def search_flops(shape: tuple[int, ...]) -> float:
+    """An estimate of the flops :func:`search` does on a weight of ``shape`` ``(O, C, K..)``.
+
+    With ``S = prod(K)`` and ``R = O S`` (filters and kernel positions), the steps are
+    (elementwise passes count :data:`ELEMENTWISE_FLOPS` per element):
+
+    * the spatial Gram of the whole weight, ``2 O C S^2``;
+    * the channel screen (``C > 1``): the sketch ``2 C R 8`` (when ``R > 8``) and the
+      ``(C-1) x C`` phase matrix, :data:`SCREEN_PASSES` elementwise passes and two
+      products with at most 8 columns per entry;
+    * :data:`EXPECTED_CHANNEL_CHECKS` exact checks at ``c = C/2``: the pseudo-inverse,
+      two products ``2 c C R`` and the Gram ``2 c O S^2``;
+    * per kernel axis of length ``K``: the pseudo-inverse of every ``n < K`` (small
+      solves, :data:`SOLVE_FLOPS` per flop) and a projector per ``n``, three ``S x S``
+      passes (the Kronecker product, the product with the Gram and its sum);
+    * the joint combinations, three ``S x S`` passes each, in the worst case every
+      ``n`` on every axis times up to 3 channel sizes (a weight that fits every size,
+      e.g. at a loose tolerance).
+    """
+    out, channels, kernel = shape[0], shape[1], tuple(shape[2:])
+    spatial = math.prod(kernel)
+    rows = out * spatial
+    square = 3 * ELEMENTWISE_FLOPS * spatial * spatial  # one projector's passes
+    flops = 2.0 * out * channels * spatial * spatial
+    if channels > 1:
+        columns = min(rows, SKETCH_COLUMNS)
+        flops += 2 * channels * rows * SKETCH_COLUMNS if rows > SKETCH_COLUMNS else 0
+        flops += (channels - 1) * channels * (SCREEN_PASSES * ELEMENTWISE_FLOPS + 4 * columns)
+        half = max(1, channels // 2)
+        flops += min(EXPECTED_CHANNEL_CHECKS, channels - 1) * (
+            _solve_flops(channels, half) + 4 * half * channels * rows + 2 * half * out * spatial**2)
+    for size in kernel:
+        solves = sum(_solve_flops(size, under) for under in range(1, size))
+        flops += SOLVE_FLOPS * solves + size * square
+    return flops + min(channels, 3) * spatial * square
+
+
+def search_problem(shape: tuple[int, ...]) -> str | None:
+    """Why :func:`search` refuses a weight of ``shape`` ``(O, C, K..)`` (one line), or None:
+    no elements, a kernel above :data:`MAX_KERNEL_ELEMENTS`, or an estimated work
+    (:func:`search_flops`) above :data:`MAX_SEARCH_FLOPS`."""
+    kernel = tuple(shape[2:])
+    if math.prod(shape) == 0:
+        return f"weight of shape {'x'.join(map(str, shape))} has no elements"
+    if math.prod(kernel) > MAX_KERNEL_ELEMENTS:
+        return (f"kernel too large: {'x'.join(map(str, kernel))} = {math.prod(kernel)} elements, "
+                f"the search takes at most {MAX_KERNEL_ELEMENTS}")
+    flops = search_flops(shape)
+    if flops > MAX_SEARCH_FLOPS:
+        return (f"search too large: about {flops:.1e} flops for a weight of "
+                f"{'x'.join(map(str, shape))}, the cap is {MAX_SEARCH_FLOPS:.0e}")
+    return None
+
+
 def search(weight: np.ndarray, tol: float) -> list[Structure]:
     """Every structure of ``weight`` within ``tol``, fewest degrees of freedom first.
 
@@ -317,8 +447,14 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
     one small spatial Gram matrix per surviving channel size
     (:func:`_channel_gram`): no combination touches the full weight again.
     The subspaces for different ``n`` are not nested; every size is tried.
+
+    ``ValueError`` for a weight holding NaN or Inf (:func:`scaled`) or one
+    :func:`search_problem` refuses.
     """
-    weight = np.asarray(weight, dtype=np.float64)
+    problem = search_problem(np.shape(weight))
+    if problem:
+        raise ValueError(problem)
+    weight = scaled(weight)
     kernel = tuple(weight.shape[2:])
     weight3 = weight.reshape(weight.shape[0], weight.shape[1], -1)
     norm_sq = float(np.sum(weight3 * weight3))

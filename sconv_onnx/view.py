@@ -7,10 +7,15 @@ from dataclasses import dataclass
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .errors import InputError
-from .passes.graphs import walk
+from .passes.graphs import mark_overridable, walk
 from .shapes import infer_tensor_shapes
+
+#: First IR version whose graph inputs may override initializers of the same name; below
+#: it every initializer must be listed as an input and onnxruntime treats them as constants.
+OVERRIDABLE_IR = 4
 
 
 @dataclass
@@ -21,7 +26,9 @@ class ModelView:
     never modified (rewrites go to a copy, :class:`~sconv_onnx.passes.base.Emitter`).
     ``static_shapes`` are the shapes onnx infers from the declared inputs,
     ``concrete_shapes`` those at the run's concrete input shapes (main graph
-    only: inference does not reach into subgraphs).
+    only: inference does not reach into subgraphs).  Initializers the main
+    graph also lists as inputs are marked overridable and stay graph inputs
+    (:func:`keep_overridable`).
     """
 
     model: onnx.ModelProto
@@ -35,7 +42,9 @@ class ModelView:
         """Import ``model`` and infer its shapes, statically and at ``input_shapes``."""
         static = infer_tensor_shapes(model)
         concrete = infer_tensor_shapes(model, input_shapes) if input_shapes else static
-        return cls(model, gs.import_onnx(model), default_opset(model), static, concrete)
+        graph = gs.import_onnx(model)
+        keep_overridable(model, graph)
+        return cls(model, graph, default_opset(model), static, concrete)
 
     def nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
         """``(graph, node)`` for every node of the model, subgraphs included."""
@@ -46,6 +55,42 @@ class ModelView:
         if graph is self.graph:
             return self.static_shapes, self.concrete_shapes
         return {}, {}
+
+
+def overridable_names(model: onnx.ModelProto) -> set[str]:
+    """The main-graph initializers a user may feed at run time: those also listed as
+    graph inputs, from IR :data:`OVERRIDABLE_IR` (below it, exporters listed every
+    initializer as an input, and runtimes treat them as constants)."""
+    if model.ir_version < OVERRIDABLE_IR:
+        return set()
+    stored = {init.name for init in model.graph.initializer}
+    return {inp.name for inp in model.graph.input if inp.name in stored}
+
+
+def keep_overridable(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Mark the initializers that ``model``'s main graph also lists as inputs (from IR
+    :data:`OVERRIDABLE_IR`) and put them back among ``graph``'s inputs, in the model's
+    order.
+
+    A user may feed such an input at run time: its initializer is a default, not a
+    constant (:func:`~sconv_onnx.passes.graphs.constant_value` does not read it).
+    onnx-graphsurgeon imports it as a constant and drops it from the inputs; back
+    among them, the export writes it as an input with its initializer again (its
+    declared shape becomes the initializer's).
+    """
+    overridable = overridable_names(model)
+    if not overridable:
+        return
+    stored = {init.name: init for init in model.graph.initializer}
+    names = [inp.name for inp in model.graph.input if inp.name in overridable]
+    tensors = graph.tensors()
+    inputs = {tensor.name: tensor for tensor in graph.inputs}
+    for name in names:
+        if name not in tensors:  # read by no node: imported nowhere
+            tensors[name] = gs.Constant(name, numpy_helper.to_array(stored[name]))
+        mark_overridable(tensors[name])
+        inputs[name] = tensors[name]
+    graph.inputs = [inputs[inp.name] for inp in model.graph.input if inp.name in inputs]
 
 
 def default_opset(model: onnx.ModelProto) -> int:

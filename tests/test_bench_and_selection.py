@@ -54,7 +54,7 @@ def test_bench_single_model_and_bad_counts(pair, capsys):
     assert main(["bench", str(pair[0]), "--runs", "3", "--warmup", "0"]) == 0
     assert " / " not in capsys.readouterr().out
     assert main(["bench", str(pair[0]), "--runs", "0"]) == 2
-    assert "--runs must be >= 1" in capsys.readouterr().err
+    assert "--runs must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_optimize_bench_prints_the_ab_line(pair, tmp_path, capsys):

@@ -74,6 +74,8 @@ def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error()
         assert layer.chosen.residual > 0.1  # plain weights: far from any structure
     # it runs, it was compared with the original, and the error is reported
     assert report.errors is not None and report.max_error is None
+    assert report.status == "UNBOUNDED" and not report.verified  # no bound: never a PASS
+    assert all(check.status == "PASS" for check in report.layer_checks)  # each within its own
     proxy = report.calibration
     assert proxy["samples"] == 4 and proxy["output"] == "logits"
     assert 0 < proxy["rel_error"] < 0.5 and proxy["top1_agreement"] is not None

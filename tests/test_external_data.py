@@ -8,6 +8,8 @@ lowering :data:`sconv_onnx.modelio.PROTOBUF_LIMIT` to a few KiB.
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,13 @@ print(json.dumps({"code": code, "base": base, "peak": peak()}))
 """
 
 
+def _data_name(out: Path) -> str:
+    """The one external data file ``out`` references: ``<out>.<token>.data``."""
+    (location,) = _external_locations(out)
+    assert re.fullmatch(re.escape(out.name) + r"\.[0-9a-f]{8}\.data", location), location
+    return location
+
+
 def _cli_peak_memory(*argv) -> dict:
     """Run the CLI in a fresh Python; its exit code and peak RSS (bytes) before and after."""
     done = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, argv)], capture_output=True,
@@ -114,13 +123,12 @@ def test_optimize_round_trips_external_data_in_bounded_memory(tmp_path):
     assert increase < MEMORY_FACTOR * weight_bytes, (
         f"peak RSS grew by {increase / 1e6:.0f} MB = {increase / weight_bytes:.2f}x the "
         f"{weight_bytes / 1e6:.0f} MB of weights (bound {MEMORY_FACTOR}x)")
-    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "big.sconv.onnx",
-                                            "big.sconv.onnx.data"]
+    data = _data_name(out)
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "big.sconv.onnx", data]
     assert (source_data.stat().st_size, source_data.stat().st_mtime_ns) == (stamp.st_size,
                                                                           stamp.st_mtime_ns)
-    assert _external_locations(out) == {"big.sconv.onnx.data"}
     assert out.stat().st_size < 100_000  # the weights are all in the data file
-    kept = (tmp_path / "big.sconv.onnx.data").stat().st_size
+    kept = (tmp_path / data).stat().st_size
     assert weight_bytes / 2 <= kept < 0.6 * weight_bytes  # the random half, plus small alphas
     onnx.checker.check_model(str(out))
     written = onnx.load(str(out))
@@ -152,21 +160,33 @@ def test_missing_or_truncated_external_data_is_bad_input(tmp_path, capsys, damag
 
 def test_output_never_overwrites_the_input_or_its_data_file(tmp_path, capsys):
     model = _conv_chain(16, 3, "SR")
-    # the input's data file is the one an output named other.onnx would write
+    # the input's data file has the old-style name of an output other.onnx's data
     onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
                     location="other.onnx.data", size_threshold=1024)
     data = tmp_path / "other.onnx.data"
     original = data.read_bytes()
-    for out, extra in (("other.onnx", ["--external-data"]), ("other.onnx", []),
-                       ("other.onnx.data", [])):
-        code, _, err = run_cli(capsys, "optimize", tmp_path / "m.onnx", tmp_path / out, *extra)
-        assert code == 2
-        assert "is a file of the input model" in one_line_error(err)
-    assert data.read_bytes() == original
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "other.onnx.data"]
-    code, _, _ = run_cli(capsys, "optimize", tmp_path / "m.onnx", tmp_path / "other.onnx",
-                      "--no-external-data", "--quiet")
-    assert code == 0 and data.read_bytes() == original
+    code, _, err = run_cli(capsys, "optimize", tmp_path / "m.onnx", data)
+    assert code == 2 and "is a file of the input model" in one_line_error(err)
+    # an earlier output there referenced other.onnx.data: replacing it removes the data
+    # files earlier writes made, never the input's
+    shutil.copy(tmp_path / "m.onnx", tmp_path / "other.onnx")
+    for extra in (["--external-data"], [], ["--no-external-data"]):
+        code, _, _ = run_cli(capsys, "optimize", tmp_path / "m.onnx", tmp_path / "other.onnx",
+                             "--quiet", *extra)
+        assert code == 0 and data.read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "other.onnx", "other.onnx.data"]
+
+
+def test_rewriting_an_output_replaces_its_data_file(tmp_path, capsys):
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_conv_chain(16, 3, "SR"), str(source))
+    names = []
+    for _ in range(2):
+        assert run_cli(capsys, "optimize", source, out, "--external-data", "--quiet")[0] == 0
+        names.append(_data_name(out))
+    assert names[0] != names[1]
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx", names[1]]
+    assert run_cli(capsys, "verify", source, out)[0] == 0
 
 
 def _counting(monkeypatch, module, name: str) -> list:
@@ -196,10 +216,10 @@ def test_models_above_the_protobuf_limit_are_written_and_run_with_external_data(
 
     code, stdout, _ = run_cli(capsys, "optimize", source, out, "--select", "all")
     assert code == 0
-    assert f"wrote {out} (weights in out.onnx.data): 1/2 layers rewritten" in stdout
+    data = _data_name(out)
+    assert f"wrote {out} (weights in {data}): 1/2 layers rewritten" in stdout
     assert sessions, "the rewritten model reached onnxruntime as bytes"
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx", "out.onnx.data"]
-    assert _external_locations(out) == {"out.onnx.data"}
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx", data]
     assert run_cli(capsys, "verify", source, out)[0] == 0
     assert run_cli(capsys, "bench", source, out, "--runs", "2", "--warmup", "0")[0] == 0
 
@@ -261,9 +281,9 @@ def test_weightless_copy_and_save_model_handle_tensors_in_attributes_and_subgrap
     assert [list(t.dims) for t in shapes] == [[16, 40], [2], []]
 
     out = tmp_path / "m.onnx"
-    assert save_model(model, out, external_data=True) == tmp_path / "m.onnx.data"
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
-    assert _external_locations(out) == {"m.onnx.data"}
+    written = save_model(model, out, external_data=True)
+    assert written == tmp_path / _data_name(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", written.name]
     reloaded = load_model(out)
     original = {t.name: numpy_helper.to_array(t) for t in modelio.iter_tensors(model)}
     again = {t.name: numpy_helper.to_array(t) for t in modelio.iter_tensors(reloaded)}

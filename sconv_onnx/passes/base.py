@@ -42,7 +42,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import OpCost, total_cost
-from ..errors import InputError
+from ..errors import InputError, param
 from ..plan import Candidate
 from .graphs import walk
 
@@ -195,7 +195,7 @@ def resolve(names: Iterable[str] | str | None = None) -> list[Family]:
     if unknown or not wanted:
         known = ", ".join(_REGISTRY) or "none"
         what = f"unknown family {', '.join(map(repr, unknown))}" if unknown else "no family given"
-        raise InputError(f"--families: {what} (registered: {known})")
+        raise InputError(f"{param('families')}: {what} (registered: {known})")
     return [_REGISTRY[name] for name in wanted]
 
 

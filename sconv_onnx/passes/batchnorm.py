@@ -9,8 +9,10 @@ For ``y = BN(conv(x, W) + b)`` with constant statistics,
 so a structured conv followed by BN is still found, and its rewrite absorbs
 the BN node.  Folding happens only when it is exact and changes nothing
 else: the BN is the layer output's sole reader, the layer output is no
-graph output, BN's statistics are constant and only its first output is
-used (inference mode).
+graph output, BN's statistics are constant (no graph input's default) and
+per channel (``(C,)``; opsets 7-8 also allow ``spatial=0``, statistics per
+activation, which stay), only its first output is used (inference mode),
+and the folded weight and bias are finite.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..structure import is_finite
 from .graphs import constant_value, drop_if_unused
 
 
@@ -43,18 +46,32 @@ def find_fold(graph: gs.Graph, layer: gs.Node, weight: np.ndarray,
         return None
     if any(extra.outputs or extra in graph.outputs for extra in bn.outputs[1:]):
         return None
-    stats = [constant_value(tensor) for tensor in bn.inputs[1:5]]
-    if any(value is None for value in stats):
+    stats = per_channel_stats(bn, weight.shape[0])
+    if stats is None:
         return None
-    scale, shift, mean, var = (np.asarray(value, dtype=np.float64) for value in stats)
-    factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    shape = (-1,) + (1,) * (weight.ndim - 1)
-    base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-    return BatchNormFold(
-        bn,
-        (np.asarray(weight, dtype=np.float64) * factor.reshape(shape)).astype(weight.dtype),
-        (factor * (base - mean) + shift).astype(weight.dtype),
-    )
+    scale, shift, mean, var = stats
+    with np.errstate(all="ignore"):  # a non-finite result is refused below
+        factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        shape = (-1,) + (1,) * (weight.ndim - 1)
+        base = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+        folded = (np.asarray(weight, dtype=np.float64) * factor.reshape(shape)).astype(weight.dtype)
+        folded_bias = (factor * (base - mean) + shift).astype(weight.dtype)
+    if not (is_finite(folded) and is_finite(folded_bias)):
+        return None
+    return BatchNormFold(bn, folded, folded_bias)
+
+
+def per_channel_stats(bn: gs.Node, channels: int) -> list[np.ndarray] | None:
+    """``[scale, B, mean, var]`` of ``bn`` in float64 when they are constants of shape
+    ``(channels,)`` and finite, else None (statistics per activation, ``spatial=0`` at
+    opsets 7-8, are of shape ``(C, D1, ..)``; a ``(1,)`` or scalar one broadcasts in
+    numpy but not in onnxruntime's BatchNormalization)."""
+    if int(bn.attrs.get("spatial", 1)) != 1 or len(bn.inputs) < 5:
+        return None
+    stats = [constant_value(tensor) for tensor in bn.inputs[1:5]]
+    if any(value is None or value.shape != (channels,) or not is_finite(value) for value in stats):
+        return None
+    return [np.asarray(value, dtype=np.float64) for value in stats]
 
 
 def apply_fold(graph: gs.Graph, layer: gs.Node, bn: gs.Node, bias: gs.Constant) -> None:

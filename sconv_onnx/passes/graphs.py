@@ -1,8 +1,16 @@
 """Graph-view helpers shared by the passes: walk every (sub)graph, read constant
 weights (folding cheap, exact constant subgraphs), remove a weight's producers
-once nothing reads it."""
+once nothing reads it.
+
+An initializer that is also a graph input (IR >= 4) is only a default: the
+user may feed another value at run time, so it is no constant.  The view marks
+such tensors (:func:`mark_overridable`) and :func:`constant_value` does not
+read them.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -16,6 +24,15 @@ FOLDABLE_OPS = ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueez
                 "ConstantOfShape")
 #: Longest chain of :data:`FOLDABLE_OPS` followed back from a weight.
 MAX_FOLD_DEPTH = 8
+#: Largest ``ConstantOfShape`` output, in elements, that :func:`constant_value` makes:
+#: a few bytes of shape can ask for any size (a 4096 x 4096 weight is 2^24 elements,
+#: 64 MiB in float32).
+MAX_FILL_ELEMENTS = 2**24
+#: A ``Constant`` node's number attributes and the dtype ONNX gives each.
+CONSTANT_NUMBERS = {"value_float": np.float32, "value_floats": np.float32,
+                    "value_int": np.int64, "value_ints": np.int64}
+#: Attribute set by :func:`mark_overridable` on an initializer that is a graph input too.
+OVERRIDABLE = "_sconv_overridable"
 
 
 def walk(graph: gs.Graph):
@@ -53,19 +70,30 @@ def _default_domain(node: gs.Node) -> bool:
     return node.domain in ("", "ai.onnx", None)
 
 
+def mark_overridable(tensor: gs.Constant) -> None:
+    """Mark ``tensor``, an initializer listed among the graph inputs, as no constant."""
+    setattr(tensor, OVERRIDABLE, True)
+
+
+def is_overridable(tensor) -> bool:
+    """Whether ``tensor`` is an initializer that a graph input may override."""
+    return getattr(tensor, OVERRIDABLE, False)
+
+
 def constant_value(tensor, depth: int = 0) -> np.ndarray | None:
-    """The value of ``tensor`` when it is constant: an initializer, a ``Constant``
-    node's output, or :data:`FOLDABLE_OPS` applied to constants; else None."""
+    """The value of ``tensor`` when it is constant: an initializer (not an overridable
+    one), a ``Constant`` node's output, or :data:`FOLDABLE_OPS` applied to constants
+    (a fold numpy refuses, or a ``ConstantOfShape`` above :data:`MAX_FILL_ELEMENTS`,
+    is none); else None."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return None if is_overridable(tensor) else np.asarray(tensor.values)
     if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
         return None
     producer = tensor.inputs[0]
     if not _default_domain(producer):
         return None
     if producer.op == "Constant":
-        value = producer.attrs.get("value")
-        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+        return _constant_node_value(producer)
     if producer.op not in FOLDABLE_OPS or depth >= MAX_FOLD_DEPTH or len(producer.outputs) != 1:
         return None
     inputs = []
@@ -74,7 +102,65 @@ def constant_value(tensor, depth: int = 0) -> np.ndarray | None:
         if operand.name and value is None:
             return None
         inputs.append(value)
-    return _fold(producer, inputs)
+    try:
+        return _fold(producer, inputs)
+    except (ValueError, TypeError, IndexError, KeyError):  # ill-formed: onnxruntime will say
+        return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """A ``Constant`` node's value: its ``value`` tensor, or a number or list of
+    :data:`CONSTANT_NUMBERS` in its dtype (``sparse_value`` and strings: None)."""
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant):
+        return np.asarray(value.values)
+    for key, dtype in CONSTANT_NUMBERS.items():
+        if key in node.attrs:
+            return np.asarray(node.attrs[key], dtype=dtype)
+    return None
+
+
+def _sources(tensor, depth: int = 0):
+    """``tensor`` and the tensors it is folded from by :data:`FOLDABLE_OPS`, with the
+    node that makes each (None for an initializer or a graph input)."""
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
+    yield tensor, producer
+    if producer is None or not _default_domain(producer) or producer.op not in FOLDABLE_OPS:
+        return
+    if depth < MAX_FOLD_DEPTH:
+        for operand in producer.inputs:
+            if operand.name:
+                yield from _sources(operand, depth + 1)
+
+
+def reads_overridable(tensor) -> bool:
+    """Whether ``tensor`` is, or is folded from, an overridable initializer."""
+    return any(is_overridable(source) for source, _ in _sources(tensor))
+
+
+def not_constant_reason(tensor) -> str:
+    """Why :func:`constant_value` of ``tensor`` is None, to follow "weight" or "bias":
+    it is, or is folded from, an overridable initializer, or a ``ConstantOfShape``
+    above :data:`MAX_FILL_ELEMENTS`; else it is not a constant."""
+    if reads_overridable(tensor):
+        return "is a graph input (overridable initializer)"
+    for _, producer in _sources(tensor):
+        if producer is not None and producer.op == "ConstantOfShape":
+            shape = constant_value(producer.inputs[0]) if producer.inputs else None
+            problem = _fill_problem(shape) if shape is not None else None
+            if problem:
+                return f"is a ConstantOfShape {problem}"
+    return "is not a constant"
+
+
+def _fill_problem(shape: np.ndarray) -> str | None:
+    """Why a ``ConstantOfShape`` of ``shape`` is not folded, or None."""
+    dims = [int(d) for d in np.ravel(shape)]
+    if any(d < 0 for d in dims):
+        return f"of negative shape {dims}"
+    if math.prod(dims) > MAX_FILL_ELEMENTS:
+        return f"of {math.prod(dims)} elements (at most {MAX_FILL_ELEMENTS} are folded)"
+    return None
 
 
 def stored_dtypes(tensor, depth: int = 0) -> list[np.dtype]:
@@ -130,9 +216,11 @@ def _fold(node: gs.Node, inputs: list) -> np.ndarray | None:
         rank = x.ndim + len(axes)
         return np.expand_dims(x, tuple(sorted(a % rank for a in axes)))
     if op == "ConstantOfShape":
+        if _fill_problem(x):
+            return None
         fill = node.attrs.get("value")
         fill = np.asarray(fill.values).ravel() if isinstance(fill, gs.Constant) else np.zeros(1, np.float32)
-        return np.full([int(d) for d in x], fill[0], dtype=fill.dtype)
+        return np.full([int(d) for d in np.ravel(x)], fill[0], dtype=fill.dtype)
     return None
 
 

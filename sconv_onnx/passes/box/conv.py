@@ -28,14 +28,22 @@ from ...structure import (
     Structure,
     effective_tol,
     fit_alpha,
+    is_finite,
     is_float_dtype,
     narrowest_dtype,
     search,
+    search_problem,
     windows,
 )
 from ..base import Emitter, LayerInfo, Site
 from ..batchnorm import BatchNormFold, apply_fold, find_fold
-from ..graphs import constant_value, drop_if_unused, stored_dtypes
+from ..graphs import (
+    constant_value,
+    drop_if_unused,
+    not_constant_reason,
+    reads_overridable,
+    stored_dtypes,
+)
 from .pools import ChannelMatrix, SpatialPool, WindowSum, count
 
 OP_TYPE = "Conv"
@@ -117,12 +125,47 @@ def read_node(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None, bool
     return weight, bias, has_bias, info
 
 
-def float_weight_problem(weight: np.ndarray | None) -> str | None:
-    """Why a weight cannot be factored (not a constant, not floating point), or None."""
+def operands_problem(node: gs.Node, weight: np.ndarray | None,
+                     bias: np.ndarray | None) -> str | None:
+    """Why the weight or bias of ``node`` (their constant values from :func:`read_node`)
+    rule the layer out, or None.
+
+    The weight must be a constant; the bias may be computed, but neither may be a
+    graph input's default (an overridable initializer: the user may feed another
+    value).  Neither may hold NaN or Inf: no structure fits such a weight, and
+    the layer is left as it is.
+    """
     if weight is None:
-        return "weight is not a constant"
-    if not is_float_dtype(weight.dtype):
+        return "weight " + (not_constant_reason(node.inputs[1]) if len(node.inputs) > 1
+                            else "is missing")
+    if bias is None and len(node.inputs) > 2 and reads_overridable(node.inputs[2]):
+        return "bias " + not_constant_reason(node.inputs[2])
+    if not is_finite(weight):
+        return "weight holds NaN or Inf"
+    if bias is not None and not is_finite(bias):
+        return "bias holds NaN or Inf"
+    return None
+
+
+def float_weight_problem(node: gs.Node, weight: np.ndarray | None,
+                         bias: np.ndarray | None) -> str | None:
+    """Why a layer's weight cannot be factored (:func:`operands_problem`, or not
+    floating point), or None."""
+    if weight is not None and not is_float_dtype(weight.dtype):
         return f"weight dtype {weight.dtype} is not floating point"
+    return operands_problem(node, weight, bias)
+
+
+def search_weight_problem(weight: np.ndarray) -> str | None:
+    """Why the search does not run on ``weight`` (as the search reads it), or None: a
+    shape :func:`~sconv_onnx.structure.search_problem` refuses (no elements, too
+    large), or all zeros (every structure fits exactly; the layer computes its bias
+    alone, which a rewrite would only hide)."""
+    problem = search_problem(weight.shape)
+    if problem:
+        return problem
+    if not np.any(weight != 0):
+        return "all-zero weight: every structure fits it (the layer outputs its bias alone)"
     return None
 
 
@@ -209,11 +252,12 @@ def _site(family, graph, node, static_shapes, concrete_shapes, opset) -> ConvSit
     weight, bias, has_bias, info = read_node(node)
     site = ConvSite(family=family, layers=(info,), graph=graph, node=node, weight=weight,
                     bias_size=int(bias.size) if bias is not None else 0, opset=opset)
-    site.skip_reason = float_weight_problem(weight)
+    site.skip_reason = float_weight_problem(node, weight, bias)
     if weight is None:
         producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
         if producer is not None and producer.op == "DequantizeLinear":
             site.skip_reason = "quantized weight (QDQ): left as is"
+    site.skip_reason = site.skip_reason or search_weight_problem(weight)
     if site.skip_reason:
         return site
     if not (has_bias and bias is None):  # a computed bias cannot absorb a BatchNormalization

@@ -53,6 +53,7 @@ from .conv import (
     float_weight_problem,
     int_attr_tuple,
     read_node,
+    search_weight_problem,
     static_dims,
 )
 from .pools import ChannelSpread, SpatialPool, count
@@ -129,7 +130,7 @@ def _site(family, graph, node, static_shapes, concrete_shapes) -> TransposeSite:
     weight, bias, _, info = read_node(node)
     site = TransposeSite(family=family, layers=(info,), graph=graph, node=node, weight=weight,
                          bias_size=int(bias.size) if bias is not None else 0)
-    site.skip_reason = float_weight_problem(weight)
+    site.skip_reason = float_weight_problem(node, weight, bias) or search_weight_problem(weight)
     if site.skip_reason:
         return site
     rank = weight.ndim - 2

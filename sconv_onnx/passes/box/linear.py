@@ -25,7 +25,15 @@ from ...plan import Candidate, Part
 from ...structure import Structure, effective_tol, fit_alpha, search
 from ..base import Emitter
 from ..graphs import constant_value, drop_if_unused
-from .conv import CUMSUM_OPSET, BoxChoice, LayerSite, Lowering, read_node
+from .conv import (
+    CUMSUM_OPSET,
+    BoxChoice,
+    LayerSite,
+    Lowering,
+    operands_problem,
+    read_node,
+    search_weight_problem,
+)
 from .pools import WindowSum, count
 
 OP_TYPES = ("Gemm", "MatMul")
@@ -57,10 +65,10 @@ def find(view, family: str) -> list[LinearSite]:
 def _site(family, graph, node, concrete_shapes, opset) -> LinearSite:
     stored, bias, _, info = read_node(node)
     site = LinearSite(family=family, layers=(info,), graph=graph, node=node, opset=opset)
-    if stored is None:
-        site.skip_reason = "weight is not a constant"
-        if constant_value(node.inputs[0]) is not None:
-            site.skip_reason = "constant left operand (only x @ W is handled)"
+    site.skip_reason = operands_problem(node, stored, bias)
+    if stored is None and constant_value(node.inputs[0]) is not None:
+        site.skip_reason = "constant left operand (only x @ W is handled)"
+    if site.skip_reason:
         return site
     if stored.ndim != 2:
         site.skip_reason = f"weight of rank {stored.ndim} (a batched MatMul)"
@@ -72,6 +80,9 @@ def _site(family, graph, node, concrete_shapes, opset) -> LinearSite:
         site.skip_reason = f"opset {opset} has no CumSum"
         return site
     site.weight = stored if node.op == "Gemm" and node.attrs.get("transB", 0) else stored.T
+    site.skip_reason = search_weight_problem(site.weight)
+    if site.skip_reason:
+        return site
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         site.feature_axis = 0
     site.bias_size = int(bias.size) if bias is not None else 0

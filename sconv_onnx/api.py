@@ -15,7 +15,7 @@ from .bench import bench
 from .errors import InputError, first_line
 from .measure import Measurer
 from .modelio import load_model
-from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options, check_bound, check_count
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options, check_bound, check_timing
 from .plan import Plan
 from .report import Report
 from .runtime import run
@@ -128,8 +128,10 @@ def optimize(
 
     Raises:
         InputError: bad input (exit code 2 on the CLI).
-        VerificationError: outputs differ beyond ``max_error``; its
-            ``report`` attribute holds the report (exit code 1).
+        VerificationError: a check failed: an output beyond ``max_error``,
+            a NaN or differing infinities in an output, or a rewritten layer
+            over its own bound when run alone (:mod:`sconv_onnx.layercheck`);
+            its ``report`` attribute holds the report (exit code 1).
     """
     options = _options(tol, select, families, target_macs, alpha_fit, seed, threads, calib_data)
     check_bound(max_error)
@@ -166,8 +168,7 @@ def bench_models(models, *, names=None, input_shapes=None, inputs=None, seed: in
     paths are checked without reading their external data and timed by
     onnxruntime from the files.
     """
-    for name, minimum in (("threads", 1), ("runs", 1), ("warmup", 0)):
-        check_count(name, options.get(name), minimum)
+    check_timing(options)
     first = load_model(models[0], weights=False)
     for model in models[1:]:
         load_model(model, weights=False)

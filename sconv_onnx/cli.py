@@ -27,7 +27,7 @@ from .errors import (
     stopped,
 )
 from .modelio import check_output_paths, model_files, save_model, write_atomic
-from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, check_bound, check_count
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, check_bound, check_timing
 from .passes import registered, resolve
 from .plan import SELECT_MODES
 from .report import json_text, layer_table, table
@@ -194,11 +194,6 @@ def _optimize(args) -> int:
     return 0
 
 
-def _check_counts(args) -> None:
-    for name, minimum in (("threads", 1), ("runs", 1), ("warmup", 0)):
-        check_count(name, getattr(args, name, None), minimum)
-
-
 def _bench(args) -> int:
     paths = [args.first] + ([args.second] if args.second else [])
     result = bench_models(
@@ -291,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with command_line_names():
             args = _build_parser().parse_args(argv)
-            _check_counts(args)
+            check_timing(vars(args))
             code = _COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
             return code
@@ -321,4 +316,6 @@ def _drop_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .entry import main as entry_main  # with the signal handlers
+
+    sys.exit(entry_main())

@@ -17,6 +17,15 @@ def _terminate(signum, _frame) -> None:
     raise Terminated(signum)
 
 
+def _signal_in(exc: BaseException) -> BaseException | None:
+    """The interrupt or termination among the causes of ``exc``, if any."""
+    while exc is not None:
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Install the SIGTERM handler, load the command line and run it; the exit code."""
     signal.signal(signal.SIGTERM, _terminate)
@@ -24,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import main as command_line
     except (KeyboardInterrupt, Terminated) as exc:
         return stopped(exc)
+    except ImportError as exc:  # onnxruntime re-raises an interrupt of its init as this
+        signalled = _signal_in(exc)
+        if signalled is None:
+            raise
+        return stopped(signalled)
     return command_line(argv)
 
 

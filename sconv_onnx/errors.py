@@ -29,7 +29,8 @@ class InputError(SconvError, ValueError):
 
 
 class VerificationError(SconvError):
-    """The rewritten model's outputs differ from the original beyond the bound.
+    """Verification failed: the rewritten model's outputs differ from the original's
+    beyond the bound (or hold a NaN), or a rewritten layer does beyond its own.
 
     ``report`` holds the full report (plan and measured errors) so callers can
     still inspect what was tried; no model is written.

@@ -82,8 +82,9 @@ class Region:
 class ModelIndex:
     """Where every tensor of a model (subgraphs included) comes from.
 
-    Names are unique across a model's graphs (SSA with lexical scoping), so
-    one map serves every scope.  An initializer a user may override
+    One map serves every scope: names are unique along each chain of nested
+    graphs (SSA with lexical scoping); sibling subgraphs may reuse one, which
+    :attr:`repeated` records.  An initializer a user may override
     (:func:`~sconv_onnx.view.overridable_names`) is not a constant.
     """
 
@@ -92,6 +93,8 @@ class ModelIndex:
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.initializers: dict[str, TensorProto] = {}
         self.order: dict[int, int] = {}
+        #: tensors made in more than one graph (sibling subgraphs may reuse a name)
+        self.repeated: set[str] = set()
         overridable = overridable_names(model)
         for graph in graphs(model.graph):
             for init in graph.initializer:
@@ -100,6 +103,8 @@ class ModelIndex:
             for node in graph.node:
                 self.order[id(node)] = len(self.order)
                 for name in node.output:
+                    if name in self.producers:
+                        self.repeated.add(name)
                     if name:
                         self.producers[name] = node
                 for name in node.input:
@@ -180,19 +185,31 @@ class LayerCheck:
     original: Region
     rewritten: Region
     bound: float
+    #: whether the layer sits in a subgraph (an ``If`` branch, a loop body), where the
+    #: end-to-end check may never run it
+    in_subgraph: bool = False
+    #: shapes for the layer's inputs where the shapes inference tells are unknown
+    #: (:func:`fallback_shape`)
+    fallbacks: dict[str, list[int]] = field(default_factory=dict)
     error: OutputError | None = None
 
     @property
     def status(self) -> str:
-        """``PASS``, ``FAIL`` (over its bound, or the rewritten region is broken: it does
-        not compute the layer's tensor, spans too many nodes or does not run) or
-        ``UNCHECKED`` (the original region cannot run alone; the end-to-end check
-        still covers the layer where its inputs reach it)."""
+        """``PASS``; ``FAIL`` (over its bound, or the rewritten region is broken: it does
+        not compute the layer's tensor, spans too many nodes or does not run); or
+        ``UNCHECKED``: the original region cannot run alone.  An unchecked layer of the
+        main graph is covered by the end-to-end check (every input reaches it); one in
+        a subgraph fails the run (:attr:`unverified`)."""
         if self.rewritten.problem is not None:
             return FAIL
         if self.error is None:
             return UNCHECKED
         return PASS if self.error.problem is None and self.error.max_rel <= self.bound else FAIL
+
+    @property
+    def unverified(self) -> bool:
+        """Whether nothing checked this layer: not alone, and maybe not end to end."""
+        return self.status == UNCHECKED and self.in_subgraph
 
     def summary(self) -> str:
         """The check's result in words."""
@@ -223,30 +240,46 @@ def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     return types
 
 
-def _concrete_dims(dims: list, layer: LayerPlan) -> list[int]:
-    """``dims`` with unknown entries replaced: the batch 1, a conv's input channels from
-    its weight, other dims :data:`FALLBACK_DIM` or twice the kernel's extent."""
-    convolution = layer.op in ("Conv", "ConvTranspose")
-    kernel = layer.weight_shape[2:] if convolution else ()
-    concrete = []
-    for axis, dim in enumerate(dims):
-        if isinstance(dim, int) and dim > 0:
-            concrete.append(dim)
-        elif axis == 0:
-            concrete.append(1)
-        elif axis == 1 and convolution and len(layer.weight_shape) > 1:
-            concrete.append(layer.weight_shape[0] if layer.op == "ConvTranspose"
-                            else layer.weight_shape[1] * layer.group)
-        else:
-            extent = kernel[axis - 2] if 2 <= axis < 2 + len(kernel) else 1
-            concrete.append(max(FALLBACK_DIM, 2 * extent))
-    return concrete
+def _attr(node: onnx.NodeProto, name: str, default):
+    found = next((attr for attr in node.attribute if attr.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def fallback_shape(node: onnx.NodeProto, layer: LayerPlan, name: str) -> list[int]:
+    """A shape for the layer node's input ``name`` where inference tells none: what the
+    layer's weight and attributes require (a conv's rank and input channels, a fully
+    connected layer's input features), batch 1, and spatial sizes of
+    :data:`FALLBACK_DIM` or twice the dilated kernel, whichever is larger."""
+    weight = layer.weight_shape
+    if node.op_type in ("Conv", "ConvTranspose") and len(weight) > 2 and name == node.input[0]:
+        kernel = weight[2:]
+        dilations = _attr(node, "dilations", [1] * len(kernel))
+        channels = weight[0] if node.op_type == "ConvTranspose" else weight[1] * layer.group
+        return [1, channels] + [max(FALLBACK_DIM, 2 * ((k - 1) * d + 1))
+                                for k, d in zip(kernel, dilations)]
+    if node.op_type == "Gemm" and len(weight) == 2 and name == node.input[0]:
+        return [weight[1], 1] if _attr(node, "transA", 0) else [1, weight[1]]
+    if node.op_type == "MatMul" and len(weight) == 2 and name == node.input[0]:
+        return [1, weight[1]]
+    return []
+
+
+def _leaf_shape(dims: list, fallback: list[int]) -> tuple[int, ...]:
+    """``dims`` where known; else ``fallback``, else the batch 1 and :data:`FALLBACK_DIM`."""
+    if _known(dims):
+        return tuple(dims)
+    if fallback and (not dims or len(dims) == len(fallback)):
+        return tuple(d if isinstance(d, int) and d > 0 else f for d, f in
+                     zip(dims or fallback, fallback))
+    return tuple(d if isinstance(d, int) and d > 0 else (1 if axis == 0 else FALLBACK_DIM)
+                 for axis, d in enumerate(dims))
 
 
 def plan_checks(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                 layers: Iterable[LayerPlan], max_error: float) -> list[LayerCheck]:
     """Cut every rewritten layer's regions out of both models."""
     before, after = ModelIndex(original), ModelIndex(rewritten)
+    main = {name for node in original.graph.node for name in node.output}
     checks = []
     for layer in layers:
         stop = original_inputs(before, layer)
@@ -255,7 +288,13 @@ def plan_checks(original: onnx.ModelProto, rewritten: onnx.ModelProto,
         new = after.region(output, stop, MAX_REGION_NODES)
         if output not in after.producers:
             new.problem = f"the rewritten model does not compute {output!r}"
-        checks.append(LayerCheck(layer, old, new, layer_bound(max_error, layer)))
+        if output in before.repeated or output in after.repeated:
+            new.problem = (f"tensor {output!r} is made in more than one subgraph: the layer "
+                           f"cannot be told apart from its namesake")
+        node = before.producers.get(layer.key)
+        fallbacks = {name: fallback_shape(node, layer, name) for name in stop} if node else {}
+        checks.append(LayerCheck(layer, old, new, layer_bound(max_error, layer),
+                                 layer.key not in main, fallbacks))
     return checks
 
 
@@ -271,7 +310,7 @@ def _check_feeds(checks: list[LayerCheck], types: dict, seed: int) -> dict[str, 
         for name in _leaves(check):
             elem, dims = types.get(name, (TensorProto.FLOAT, []))
             inputs.append(onnx.helper.make_tensor_value_info(f"layer{i}/{name}", elem, None))
-            shapes[f"layer{i}/{name}"] = tuple(_concrete_dims(dims, check.layer))
+            shapes[f"layer{i}/{name}"] = _leaf_shape(dims, check.fallbacks.get(name, []))
     leaves = onnx.helper.make_model(onnx.helper.make_graph([], "leaves", inputs, []))
     return random_feeds(leaves, shapes, seed)
 
@@ -329,15 +368,18 @@ def check_layers(original: onnx.ModelProto, rewritten: onnx.ModelProto, layers: 
     The inputs' shapes are those onnx infers at ``input_shapes``.  Where it
     cannot tell them in the main graph, onnxruntime computes them for the
     original model on ``feeds``, and inference runs again from there (into the
-    subgraphs); what is still unknown gets :data:`FALLBACK_DIM`.
+    subgraphs); what is still unknown, :func:`fallback_shape`.
     """
+    if not layers:
+        return []
     skeleton = inferred_skeleton(original, input_shapes)
     types = value_types(skeleton)
-    if feeds is not None:
+    checks = plan_checks(original, rewritten, layers, max_error)
+    if feeds is not None and any(not _known(types.get(name, (0, []))[1])
+                                 for check in checks for name in _leaves(check)):
         observed = observed_types(original, unknown_tensors(skeleton, types), feeds)
         if observed:
             types = value_types(reinferred(skeleton, observed)) | observed
-    checks = plan_checks(original, rewritten, layers, max_error)
     run_checks(checks, rewritten, types, seed)
     for check in checks:
         check.original.release()
@@ -387,9 +429,9 @@ def observed_types(model: onnx.ModelProto, names: list[str], feeds: dict) -> dic
 def run_checks(checks: list[LayerCheck], model: onnx.ModelProto, types: dict,
                seed: int = 0) -> None:
     """Run the checks that can run, in chunks of at most :data:`CHUNK_BYTES` of constants;
-    fills each check's ``error``.  ``model`` gives the opsets and functions.  A chunk whose
-    original regions onnxruntime cannot run is retried layer by layer, so that one odd
-    layer does not hide the others."""
+    fills each check's ``error``.  ``model`` gives the opsets and functions.  A chunk that
+    onnxruntime cannot run (either side) is retried layer by layer, so that one odd layer
+    does not hide the others."""
     runnable = [check for check in checks
                 if check.original.problem is None and check.rewritten.problem is None]
     for chunk in _chunks(runnable):
@@ -406,9 +448,12 @@ def run_checks(checks: list[LayerCheck], model: onnx.ModelProto, types: dict,
         try:
             candidate = _run_side(chunk, "rewritten", model, types, feeds)
         except Exception as exc:  # noqa: BLE001 - any onnxruntime failure
+            if len(chunk) > 1:
+                for check in chunk:
+                    run_checks([check], model, types, seed)
+                continue
             reason = f"the rewritten layer does not run: {first_line(exc)}"
-            for check in chunk:
-                check.error = OutputError(check.layer.key, math.inf, math.inf, reason)
+            chunk[0].error = OutputError(chunk[0].layer.key, math.inf, math.inf, reason)
             continue
         for i, check in enumerate(chunk):
             name = f"layer{i}/{check.original.output}"

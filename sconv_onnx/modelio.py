@@ -17,6 +17,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -416,26 +417,30 @@ def load_model(
     return model
 
 
+def referenced_files(path: str | os.PathLike) -> list[str]:
+    """The external data locations the model file at ``path`` names (relative to its
+    folder); empty when it cannot be read (:func:`load_model` says why)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return []
+    return sorted({_location(tensor) for tensor in iter_tensors(model)
+                   if tensor.data_location == TensorProto.EXTERNAL and _location(tensor)})
+
+
 def model_files(path: str | os.PathLike) -> set[Path]:
     """The model file and the external data files it references (resolved), if readable."""
     source = Path(path)
-    files = {source.resolve()}
-    try:
-        model = onnx.load(str(source), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError):
-        return files  # load_model will say what is wrong with it
-    for tensor in iter_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL and _location(tensor):
-            files.add((source.parent / _location(tensor)).resolve())
-    return files
+    return {source.resolve()} | {(source.parent / name).resolve()
+                                 for name in referenced_files(source)}
 
 
 # --- saving ----------------------------------------------------------------------------------
 #
-# Temporary files are named ``.<out name>.sconv-<pid>-<random>.tmp`` beside the output: a run
-# removes its own on any exit it survives (errors, SIGINT, SIGTERM: the CLI turns signals into
-# exceptions), and the next run writing there removes those of processes that no longer exist
-# (a SIGKILL).  External data goes to ``<out name>.<token>.data``, a name unique to the run and
+# Temporary files are named ``.<file name>.sconv-<host>-<pid>-<random>.tmp`` beside the output:
+# a run removes its own on any exit it survives (errors, SIGINT, SIGTERM: the CLI turns signals
+# into exceptions), and the next run writing the same output removes those of processes of this
+# host that no longer exist (a SIGKILL), the data file's too.  External data goes to ``<out name>.<token>.data``, a name unique to the run and
 # referenced by the model: two runs writing the same OUT at once can only leave one model with
 # its own data, never one run's model with the other's data.
 
@@ -484,15 +489,6 @@ def check_writable(path: str | os.PathLike) -> Path:
     return out
 
 
-def check_output_path(
-    in_path: str | os.PathLike | None, out_path: str | os.PathLike, external_data: bool = False
-) -> Path:
-    """:func:`check_output_paths` for one output (``external_data`` is accepted for
-    compatibility: the data file's name is unique to each write)."""
-    del external_data
-    return check_output_paths(in_path, out_path)
-
-
 def _sync(handle) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -506,26 +502,39 @@ def _write_new(path: Path, data: bytes, sync: bool = True) -> None:
             _sync(handle)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _owner() -> str:
+    """This host and process, as temporary names spell them: ``<host>-<pid>``."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _process_gone(owner: str) -> bool:
+    """Whether ``owner`` (:func:`_owner`) names a process of this host that no longer
+    exists (a process of another host, or an odd name, is never judged gone)."""
+    host, _, pid = owner.rpartition("-")
+    if host != _owner().rpartition("-")[0] or not pid.isdigit():
         return False
-    except OSError:  # exists, owned by someone else
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except (OSError, OverflowError, ValueError):  # someone else's, or not a pid
+        return False
+    return False
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary files of earlier writes of ``out`` whose process is gone
-    (killed mid-write); returns them."""
+    """Remove the temporary files of earlier writes of ``out`` (the model's and its data
+    file's) whose process is gone (killed mid-write); returns them."""
     folder = out.parent if str(out.parent) else Path(".")
-    prefix = f".{out.name}{_TMP_MARK}"
     removed = []
-    for candidate in folder.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = candidate.name[len(prefix):].partition("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            candidate.unlink(missing_ok=True)
+    for candidate in folder.glob(f".{glob.escape(out.name)}*{_TMP_MARK}*.tmp"):
+        owner = candidate.name.rpartition(_TMP_MARK)[2].rpartition("-")[0]
+        if _process_gone(owner):
+            try:
+                candidate.unlink()
+            except OSError:  # gone already, or not ours to remove
+                continue
             removed.append(candidate)
     return removed
 
@@ -539,7 +548,7 @@ def _staged(out: Path) -> Iterator[Path]:
     a reader never sees a half-written file and a failure leaves nothing.
     """
     remove_stale_temporaries(out)
-    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}.tmp"
+    tmp = out.parent / f".{out.name}{_TMP_MARK}{_owner()}-{secrets.token_hex(6)}.tmp"
     try:
         yield tmp
     finally:
@@ -555,18 +564,13 @@ def write_atomic(out_path: str | os.PathLike, data: bytes) -> None:
 
 
 def _own_data_files(out: Path) -> set[Path]:
-    """The external data files the model now at ``out`` references that an earlier write
-    of ``out`` made (``<out>.data`` or ``<out>.<token>.data``)."""
-    if not out.is_file():
+    """The external data files of an earlier write of ``out`` (``<out>.<token>.data``, as
+    :func:`save_model` names them) that the model now at ``out`` references.  A model
+    above :data:`LARGE_MODEL_BYTES` holds its weights itself: not read."""
+    if not out.is_file() or out.stat().st_size > LARGE_MODEL_BYTES:
         return set()
-    try:
-        model = onnx.load(str(out), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError):
-        return set()
-    pattern = re.compile(rf"{re.escape(out.name)}(\.[0-9a-f]+)?\.data")
-    return {out.parent / _location(tensor) for tensor in iter_tensors(model)
-            if tensor.data_location == TensorProto.EXTERNAL
-            and pattern.fullmatch(_location(tensor))}
+    pattern = re.compile(rf"{re.escape(out.name)}\.[0-9a-f]+\.data")
+    return {out.parent / name for name in referenced_files(out) if pattern.fullmatch(name)}
 
 
 def save_model(

@@ -76,6 +76,13 @@ def check_bound(max_error) -> float | None:
     return max_error
 
 
+def check_timing(settings) -> None:
+    """:func:`check_count` for the timing settings (``threads``, ``runs``, ``warmup``)
+    that ``settings`` (a mapping) holds."""
+    for name, minimum in (("threads", 1), ("runs", 1), ("warmup", 0)):
+        check_count(name, settings.get(name), minimum)
+
+
 def check_count(name: str, value, minimum: int) -> int | None:
     """``value`` if it is None or an integer >= ``minimum``; else :class:`InputError`
     naming the setting ``name``."""

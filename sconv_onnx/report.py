@@ -140,13 +140,17 @@ class Report:
         for check in self.layer_checks or ():
             if check.status == FAIL:
                 failed.append(f"layer {check.layer.node!r} alone: {check.summary()}")
+            elif check.unverified:
+                failed.append(f"layer {check.layer.node!r} sits in a subgraph the inputs may "
+                              f"not reach and cannot be checked alone ({check.summary()})")
         return failed
 
     @property
     def status(self) -> str:
-        """``PASS`` (every check ran and met its bound), ``FAIL``, ``UNBOUNDED`` (the
-        layers met theirs, the outputs' error has no bound: ``max_error`` None) or
-        ``SKIPPED``."""
+        """``PASS`` (every check met its bound: the outputs', and each rewritten layer's
+        alone, or end to end for a main-graph layer that cannot run alone), ``FAIL``,
+        ``UNBOUNDED`` (as PASS, but the outputs' error has no bound: ``max_error``
+        None) or ``SKIPPED``."""
         if self.errors is None:
             return SKIPPED
         if self.failures():
@@ -193,15 +197,17 @@ class Report:
 
     def outcome(self) -> str:
         """The verdict's words after the status (see :attr:`status`)."""
-        worst = f"max rel error {self.max_rel_error:.3g}"
         status = self.status
+        if status == SKIPPED:
+            return f"not verified ({param('verify')})"
+        worst = f"max rel error {self.max_rel_error:.3g}"
         if status == FAIL:
             failures = self.failures()
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             return failures[0] + more
         if status == UNBOUNDED:
             return (f"{worst}, checked against NO bound (give {param('max_error')} to set one); "
-                    f"each rewritten layer is within its own bound")
+                    f"no rewritten layer failed its own check")
         return f"{worst} <= {self.max_error:g}"
 
     def format(self) -> str:

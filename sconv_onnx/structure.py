@@ -153,11 +153,17 @@ def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def is_finite(array: np.ndarray) -> bool:
-    """Whether every entry of ``array`` (any real dtype, ml_dtypes' bfloat16 included) is
-    finite."""
+    """Whether every entry of ``array`` is finite: any numeric dtype, ml_dtypes' bfloat16
+    and float8 included (numpy's kind ``V``); arrays that are not numbers (text,
+    records) count as finite."""
     array = np.asarray(array)
-    if array.dtype.kind not in "iufcb":  # bfloat16 and the like: numpy's kind "V"
-        array = array.astype(np.float64)
+    if array.dtype.kind in "iub":
+        return True
+    if array.dtype.kind not in "fc":
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError):  # not a number type
+            return True
     return bool(np.isfinite(array).all())
 
 

@@ -16,6 +16,7 @@ import onnx
 
 from .errors import InputError, first_line, param
 from .shapes import check_generated_size, graph_inputs, load_inputs_file
+from .structure import is_finite
 
 
 @dataclass
@@ -106,19 +107,9 @@ def feed_array(inp: onnx.ValueInfoProto, value, where: str) -> np.ndarray:
     want = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else None
     if want is not None and array.dtype != want:
         raise InputError(f"{where} has dtype {array.dtype}, the model wants {np.dtype(want)}")
-    if holds_non_finite(array):
+    if not is_finite(array):
         raise InputError(f"{where} holds NaN/Inf values; give finite numbers")
     return array
-
-
-def holds_non_finite(array: np.ndarray) -> bool:
-    """Whether a floating array (numpy's, or ml_dtypes' bfloat16 and float8) holds NaN or +-Inf."""
-    if array.dtype.kind not in "fcV" or array.dtype.names is not None:
-        return False
-    try:
-        return not np.isfinite(array).all()
-    except TypeError:  # a void dtype that is not a number
-        return False
 
 
 def string_array(array: np.ndarray, where: str) -> np.ndarray:
@@ -160,6 +151,8 @@ def _compare(name: str, y0, y1) -> OutputError:
         same = bool(np.array_equal(a, b))
         return OutputError(name, 0.0 if same else math.inf, 0.0 if same else math.inf,
                            None if same else "non-numeric values differ")
+    if np.iscomplexobj(a) or np.iscomplexobj(b):  # both parts count
+        a, b = (np.stack([np.real(v), np.imag(v)]) for v in (a, b))
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     if np.isnan(a).any():

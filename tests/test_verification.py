@@ -131,6 +131,42 @@ def test_a_wrong_rewrite_where_the_inputs_never_reach_fails(make, doubler, tmp_p
     assert code == 1 and "alone" in one_line_error(err) and not out.exists()
 
 
+def test_a_layer_named_like_one_in_a_sibling_branch_is_never_passed(doubler):
+    """Sibling ``If`` branches may both make a tensor ``t``: the check cannot tell the two
+    layers apart, so it fails rather than compare the healthy one with itself."""
+    def branch(name: str, weight: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", weight], ["t"], name=name)],
+                                 name, [], [helper.make_tensor_value_info("t", TensorProto.FLOAT,
+                                                                          [1, 4])])
+    model = _if_model()
+    model.graph.node[1].attribute[0].g.CopyFrom(branch("broken", "w3"))  # else: same name t
+    model.graph.node[1].attribute[1].g.CopyFrom(branch("fine", "w1"))
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(VerificationError, match="made in more than one subgraph"):
+        sconv_onnx.optimize(model, families=doubler, select="all")
+
+
+def test_a_subgraph_layer_nothing_checked_fails_the_run():
+    from sconv_onnx.layercheck import LayerCheck, Region
+    from sconv_onnx.plan import LayerPlan
+    from sconv_onnx.report import Report
+
+    _, report = sconv_onnx.optimize(demo_cnn.build())
+    layer = LayerPlan("conv", "Conv", (4, 4, 3, 3), key="y")
+    unchecked = LayerCheck(layer, Region("y", problem="onnxruntime cannot run the layer alone"),
+                           Region("y"), 1e-3)
+    for in_subgraph, status in ((False, "PASS"), (True, "FAIL")):
+        unchecked.in_subgraph = in_subgraph
+        fabricated = Report(report.plan, report.before, report.after, errors=report.errors,
+                            max_error=1e-3, layer_checks=[unchecked])
+        assert unchecked.status == "UNCHECKED" and fabricated.status == status
+
+
+def test_the_outcome_of_an_unverified_run_says_so():
+    _, report = sconv_onnx.optimize(demo_cnn.build(), verify=False)
+    assert report.status == "SKIPPED" and report.outcome() == "not verified (verify)"
+
+
 def test_every_rewritten_layer_is_checked_alone_and_passes(tmp_path):
     _, report = sconv_onnx.optimize(demo_cnn.build())
     assert [check.layer.key for check in report.layer_checks] == [
@@ -156,6 +192,9 @@ def test_a_nan_anywhere_fails_the_comparison():
     inf[0, 0] = np.inf
     assert compare_outputs({"y": inf}, {"y": inf})[0].problem is None
     assert compare_outputs({"y": inf}, {"y": good})[0].problem == "infinities differ"
+    complex_values = np.array([1 + 1j, 2 + 0j])
+    (error,) = compare_outputs({"z": complex_values}, {"z": complex_values.real + 0j})
+    assert error.max_abs == 1.0  # the imaginary parts count
 
 
 def test_the_json_report_is_valid_json_with_infinite_errors(tmp_path):
@@ -321,12 +360,17 @@ def test_a_signal_during_the_write_leaves_no_temporary_file(tmp_path, monkeypatc
 def test_temporaries_of_killed_runs_are_recognised_and_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".out.onnx.sconv-{dead}-0123456789ab.tmp"
-    live = tmp_path / f".out.onnx.sconv-{os.getpid()}-0123456789ab.tmp"
-    stale.write_bytes(b"left by a SIGKILL")
-    live.write_bytes(b"another run, still writing")
-    modelio.save_model(demo_cnn.build(), tmp_path / "out.onnx")
-    assert sorted(os.listdir(tmp_path)) == [live.name, "out.onnx"]
+    host = modelio._owner().rpartition("-")[0]
+    stale = [tmp_path / f".out.onnx.sconv-{host}-{dead}-0123456789ab.tmp",  # the model's
+             tmp_path / f".out.onnx.1a2b3c4d.data.sconv-{host}-{dead}-0123456789ab.tmp"]
+    kept = [tmp_path / f".out.onnx.sconv-{modelio._owner()}-0123456789ab.tmp",  # still writing
+            tmp_path / f".out.onnx.sconv-otherhost-{dead}-0123456789ab.tmp",  # can't tell
+            tmp_path / f".out.onnx.sconv-{host}-{'9' * 30}-0123456789ab.tmp"]  # not a pid
+    for path in stale + kept:
+        path.write_bytes(b"left by a SIGKILL")
+    modelio.save_model(demo_cnn.build(), tmp_path / "out.onnx", external_data=True)
+    data = modelio.referenced_files(tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in kept] + ["out.onnx", *data])
 
 
 def test_concurrent_writers_never_pair_one_model_with_the_others_data(tmp_path):

@@ -233,6 +233,17 @@ def test_report_path_equal_to_out_or_in_is_refused_before_any_work(tmp_path, cap
     assert source.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
+def test_a_report_named_like_the_old_data_file_cannot_clobber_the_weights(tmp_path, capsys):
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(demo_cnn.build(), str(source))
+    report = tmp_path / "out.onnx.data"  # where the weights used to go
+    code, _, _ = run_cli(capsys, "optimize", source, out, "--external-data", "--report", report,
+                         "--quiet")
+    assert code == 0 and json.loads(report.read_text())["verification"]["status"] == "PASS"
+    assert modelio.referenced_files(out) != [report.name]
+    assert run_cli(capsys, "verify", source, out)[0] == 0  # the weights are intact
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a folder no one can write: /proc")
 def test_unwritable_output_or_report_is_refused_before_any_work(tmp_path, capsys):
     source = tmp_path / "m.onnx"

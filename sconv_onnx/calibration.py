@@ -90,21 +90,25 @@ def accuracy_proxy(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     """How far ``candidate``'s outputs are from ``reference``'s on the calibration data.
 
     ``rel_error``: ``||y - y0||_F / ||y0||_F`` over all outputs together.
-    ``top1_agreement``: for the first output, when it looks like class scores
-    (``(N, K)`` with ``K > 1``), the fraction of samples whose arg-max agrees;
-    else None.
+    For the first output, the task-level agreement its shape suggests:
+    ``top1_agreement`` for class scores ``(N, K)`` with ``K > 1`` (the fraction
+    of samples whose arg-max agrees); ``position_agreement`` for sequence
+    scores ``(N, T, K)`` with ``K > 1`` (CTC, tokens: the fraction of the
+    ``N T`` positions whose arg-max over ``K`` agrees); None otherwise, where
+    ``rel_error`` is the measure.
     """
     diff = sum(float(np.sum((np.asarray(candidate[k], np.float64) - np.asarray(v, np.float64)) ** 2))
                for k, v in reference.items())
     size = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in reference.values())
     first = next(iter(reference))
     scores = np.asarray(reference[first])
-    agreement = None
-    if scores.ndim == 2 and scores.shape[1] > 1:
-        agreement = float(np.mean(scores.argmax(1) == np.asarray(candidate[first]).argmax(1)))
+    classes = scores.ndim in (2, 3) and scores.shape[-1] > 1
+    agreement = (float(np.mean(scores.argmax(-1) == np.asarray(candidate[first]).argmax(-1)))
+                 if classes else None)
     return {
         "samples": len(scores) if scores.ndim else 1,
         "output": first,
         "rel_error": float(np.sqrt(diff / size)) if size > 0 else float(diff > 0),
-        "top1_agreement": agreement,
+        "top1_agreement": agreement if scores.ndim == 2 else None,
+        "position_agreement": agreement if scores.ndim == 3 else None,
     }

@@ -38,7 +38,7 @@ from onnx import TensorProto
 from .errors import first_line
 from .modelio import graphs, subgraphs, tensor_nbytes
 from .plan import LayerPlan
-from .runtime import run, session_with_outputs
+from .runtime import observe, run
 from .shapes import declared_dims, inferred_skeleton
 from .verify import OutputError, compare_outputs, random_feeds
 from .view import overridable_names
@@ -377,7 +377,7 @@ def check_layers(original: onnx.ModelProto, rewritten: onnx.ModelProto, layers: 
     checks = plan_checks(original, rewritten, layers, max_error)
     if feeds is not None and any(not _known(types.get(name, (0, []))[1])
                                  for check in checks for name in _leaves(check)):
-        observed = observed_types(original, unknown_tensors(skeleton, types), feeds)
+        observed = observe(original, unknown_tensors(skeleton, types), feeds)
         if observed:
             types = value_types(reinferred(skeleton, observed)) | observed
     run_checks(checks, rewritten, types, seed)
@@ -411,19 +411,6 @@ def reinferred(skeleton: onnx.ModelProto, observed: dict) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is best effort
         return skeleton
-
-
-def observed_types(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict:
-    """``{name: (elem_type, dims)}`` of main-graph tensors as onnxruntime computes them on
-    ``feeds`` (for those shape inference cannot tell); empty where the model does not run."""
-    if not names:
-        return {}
-    try:
-        values = session_with_outputs(model, names).run(names, feeds)
-    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        return {}
-    return {name: (onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-            for name, value in zip(names, values) if isinstance(value, np.ndarray)}
 
 
 def run_checks(checks: list[LayerCheck], model: onnx.ModelProto, types: dict,

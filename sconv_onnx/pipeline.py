@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from . import layercheck, revert
 from .calibration import accuracy_proxy, load_calibration, run_batches, sample_tensors
+from .context import context_feeds, context_shapes, with_observed
 from .errors import InputError, VerificationError, first_line
 from .layercheck import FAIL
 from .measure import Measurer
@@ -34,6 +35,7 @@ from .runtime import run
 from .select import Settings, SiteEntry, select
 from .shapes import (
     ResolvedShapes,
+    graph_inputs,
     infer_tensor_shapes,
     parse_shape_hints,
     resolve_input_shapes,
@@ -77,15 +79,53 @@ def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=
     """Shapes, the graph view, each family's sites and candidates; with calibration
     ``batches``, the candidates' output errors (and a budget's approximate candidates)."""
     feeds, shapes = resolve_inputs(model, input_shapes, inputs, strict)
-    view = ModelView.of(model, shapes.shapes)
+    hinted = set(parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict)
+                                   else input_shapes))
+    context = context_shapes(model, shapes.shapes, hinted)
+    view = ModelView.of(model, context, observer(model, context, feeds, options.seed))
     families = resolve(options.families)
     entries = [SiteEntry(family, site, family.candidates(site, float(options.tol)))
                for family in families for site in family.find(view)]
     analysis = Analysis(view, options, tuple(family.name for family in families), entries, shapes,
-                        feeds, batches, list(shapes.notes))
+                        feeds, batches, list(shapes.notes) + context_notes(shapes.shapes, context,
+                                                                           view.observed))
     if batches is not None:
         calibrate(analysis)
     return analysis
+
+
+def observer(model: onnx.ModelProto, context: dict, feeds: dict | None, seed: int):
+    """A maker of inputs at the MAC ``context`` shapes for onnxruntime to observe shapes
+    (:func:`sconv_onnx.context.with_observed`): None when an input has no shape."""
+    if any(inp.name not in context for inp in graph_inputs(model)):
+        return None
+    return lambda: context_feeds(model, context, feeds, seed)
+
+
+def context_notes(shapes: dict, context: dict, observed: int) -> list[str]:
+    """What the report says of the MAC context, when it is not the run's input shapes."""
+    notes = []
+    if context != shapes:
+        notes.append("MACs are counted at batch 1 (the verification or calibration inputs "
+                     "have a larger batch)")
+    if observed:
+        notes.append(f"shapes of {observed} layer tensors observed in onnxruntime (shape "
+                     f"inference could not tell them)")
+    return notes
+
+
+def budget_notes(target: float | None, before: int | None, after: int | None) -> list[str]:
+    """What a MAC budget reached, counted afresh on the written model (all counted ops,
+    :mod:`sconv_onnx.macs`, in the MAC context): never claimed unless met."""
+    if target is None:
+        return []
+    if not before or after is None:
+        return [(f"MAC budget {target:g}: the written model's MACs cannot be counted, so "
+                 f"the target is not claimed")]
+    ratio = after / before
+    verdict = "met" if ratio <= target else "NOT met"
+    return [(f"MAC budget {target:g} {verdict}: the written model has {ratio:.3f} of the "
+             f"original's MACs (counted on both models)")]
 
 
 def calibrate(analysis: Analysis) -> None:
@@ -215,11 +255,14 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     report = Report(
         plan=decided,
         before=model_stats_of(source, analysis.view.concrete_shapes),
-        after=model_stats_of(rewritten, infer_tensor_shapes(rewritten, analysis.shapes.shapes)),
+        after=model_stats_of(rewritten, with_observed(
+            rewritten, infer_tensor_shapes(rewritten, analysis.view.context),
+            observer(rewritten, analysis.view.context, analysis.feeds, options.seed))[0]),
         input_shapes=dict(analysis.shapes.shapes),
         notes=analysis.notes + decided.notes,
         max_error=max_error,
     )
+    report.notes += budget_notes(options.target_macs, report.before.macs, report.after.macs)
     feeds = analysis.verification_feeds(options.seed) if verify else None
     shapes = analysis.shapes.shapes
     # The graph view holds its own copy of every weight a family read and is cyclic (nodes and

@@ -99,9 +99,14 @@ def summary_table(before: ModelStats, after: ModelStats) -> str:
 
 def calibration_line(proxy: dict) -> str:
     """The accuracy proxy in one line."""
-    agreement = proxy.get("top1_agreement")
-    top1 = f"top-1 agreement {100 * agreement:.1f}% on {proxy['output']!r}, " if agreement is not None else ""
-    return (f"on the calibration data ({proxy['samples']} samples): {top1}"
+    top1, position = proxy.get("top1_agreement"), proxy.get("position_agreement")
+    agreement = ""
+    if top1 is not None:
+        agreement = f"top-1 agreement {100 * top1:.1f}% on {proxy['output']!r}, "
+    elif position is not None:
+        agreement = (f"per-position arg-max agreement {100 * position:.2f}% "
+                     f"on {proxy['output']!r}, ")
+    return (f"on the calibration data ({proxy['samples']} samples): {agreement}"
             f"relative output error {proxy['rel_error']:.3g}")
 
 

@@ -77,6 +77,19 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
             model.graph.output.pop()
 
 
+def observe(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict:
+    """``{name: (elem_type, dims)}`` of main-graph tensors as onnxruntime computes them on
+    ``feeds`` (for those shape inference cannot tell); empty where the model does not run."""
+    if not names:
+        return {}
+    try:
+        values = session_with_outputs(model, names).run(names, feeds)
+    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        return {}
+    return {name: (onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+            for name, value in zip(names, values) if isinstance(value, np.ndarray)}
+
+
 #: the report note when a model ran widened (see :mod:`sconv_onnx.widen`)
 WIDENED_NOTE = ("bfloat16 model: onnxruntime's CPU provider cannot run it, so both models were "
                 "verified with every bfloat16 tensor widened to float32 (exact for the weights; "

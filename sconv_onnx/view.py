@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .context import with_observed
 from .errors import InputError
 from .passes.graphs import mark_overridable, walk
 from .shapes import infer_tensor_shapes
@@ -37,14 +38,26 @@ class ModelView:
     static_shapes: dict
     concrete_shapes: dict
 
+    #: tensors of layers whose shapes onnxruntime observed (inference could not tell them)
+    observed: int = 0
+    #: the input shapes ``concrete_shapes`` are at: the MAC context
+    context: dict = field(default_factory=dict)
+
     @classmethod
-    def of(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> ModelView:
-        """Import ``model`` and infer its shapes, statically and at ``input_shapes``."""
+    def of(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+           feeds=None) -> ModelView:
+        """Import ``model`` and infer its shapes, statically and at ``input_shapes`` (the
+        MAC context, :mod:`sconv_onnx.context`); ``feeds()``, when given, makes inputs at
+        those shapes for onnxruntime to observe the layers' shapes inference cannot tell."""
         static = infer_tensor_shapes(model)
         concrete = infer_tensor_shapes(model, input_shapes) if input_shapes else static
+        observed = 0
+        if feeds is not None:
+            concrete, observed = with_observed(model, concrete, feeds)
         graph = gs.import_onnx(model)
         keep_overridable(model, graph)
-        return cls(model, graph, default_opset(model), static, concrete)
+        return cls(model, graph, default_opset(model), static, concrete, observed,
+                   dict(input_shapes))
 
     def nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
         """``(graph, node)`` for every node of the model, subgraphs included."""

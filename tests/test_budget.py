@@ -75,6 +75,7 @@ def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error()
     # it runs, it was compared with the original, and the error is reported
     assert report.errors is not None and report.max_error is None
     assert report.status == "UNBOUNDED" and not report.verified  # no bound: never a PASS
+    assert any(note.startswith("MAC budget 0.5 met: the written model has") for note in report.notes)
     assert all(check.status == "PASS" for check in report.layer_checks)  # each within its own
     proxy = report.calibration
     assert proxy["samples"] == 4 and proxy["output"] == "logits"
@@ -118,6 +119,21 @@ def test_accuracy_proxy_counts_top1_agreement_only_for_class_scores():
     assert proxy["top1_agreement"] == 0.75 and proxy["samples"] == 4
     assert proxy["rel_error"] == pytest.approx(np.sqrt(0.25 + 4) / np.sqrt(16))
     assert accuracy_proxy({"m": np.ones((2, 1, 4, 4))}, {"m": np.ones((2, 1, 4, 4))})["top1_agreement"] is None
+
+
+def test_accuracy_proxy_per_kind_of_output():
+    """Class scores: top-1; sequence scores [N, T, K] (CTC, tokens): per-position arg-max;
+    anything else: the relative error alone."""
+    rng = np.random.default_rng(0)
+    sequence = rng.standard_normal((2, 5, 7))
+    changed = sequence.copy()
+    changed[0, 1] = -changed[0, 1]  # one of the 10 positions: its arg-max moves
+    proxy = accuracy_proxy({"seq": sequence}, {"seq": changed})
+    assert proxy["position_agreement"] == pytest.approx(0.9) and proxy["top1_agreement"] is None
+    image = {"m": rng.standard_normal((2, 3, 4, 4))}
+    proxy = accuracy_proxy(image, {"m": 2 * image["m"]})
+    assert proxy["top1_agreement"] is None and proxy["position_agreement"] is None
+    assert proxy["rel_error"] == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def _rewrite_with(spec: ConvSpec, lowering) -> tuple:
     from sconv_onnx import pipeline
     from sconv_onnx.options import Options
 
-    options = Options(select="all")
+    options = Options(select="all", families=("box",))
     analysis = pipeline.analyse(make_model(spec), options, {"x": spec.input_shape})
     plan = pipeline.plan(analysis)
     ((entry,), (layer,)) = analysis.entries, plan.layers

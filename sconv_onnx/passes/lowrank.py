@@ -1,0 +1,179 @@
+"""The low-rank family: a weight ``W`` (``OUT x IN``) as the product of two thin ones.
+
+``W ~ U V`` with ``U`` (``OUT x r``) and ``V`` (``r x IN``): a fully connected
+layer ``x W^T`` becomes ``(x V^T) U^T``, two MatMuls, and a 1x1 convolution two
+1x1 convolutions, with ``r (IN + OUT)`` multiply-adds per position instead of
+``IN OUT``.  It pays below the break-even rank ``IN OUT / (IN + OUT)``.
+
+Pretrained weights are rarely low rank, so today the family offers
+*approximate* candidates to a MAC budget only (issue 12), never exact ones: a
+structured weight stays the box family's.  The factors are fitted on the
+layer's calibration inputs (``alpha_fit="data"``): with the input patches
+``P`` (``m x IN``) and their second moment ``S = P^T P / m = L L^T``, the
+output error ``||(W - U V) P^T||_F`` is ``sqrt(m) ||(W - U V) L||_F``, which
+the truncated SVD of ``W L`` minimizes (``U = U_r S_r``, ``V = V_r^T L^-1``).
+In weight space (``alpha_fit="weights"``) it is the truncated SVD of ``W``.
+Ranks are multiples of :data:`RANK_STEP` (whole NCHWc blocks of 8 or 16
+floats on every x86 machine seen), at fractions :data:`RANK_FRACTIONS` of
+the break-even rank.
+
+Sites: ``MatMul`` ``x @ W``, ``Gemm`` without ``transA``, and ``Conv`` with a
+1x1 kernel, one group and no BatchNormalization to fold; the readers are the
+box family's (:mod:`.box.conv`, :mod:`.box.linear`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import cost
+from ..plan import Candidate, Part
+from .base import CalibrationRequest, Emitter, Family, Site
+from .box import calibrate as box_calibrate
+from .box import conv, linear
+from .graphs import drop_if_unused
+
+#: Ranks are multiples of this (the NCHWc block is 8 floats with AVX2, 16 with AVX-512).
+RANK_STEP = 16
+#: The ranks offered, as fractions of the break-even rank ``IN OUT / (IN + OUT)``.
+RANK_FRACTIONS = (0.75, 0.5, 0.25)
+#: Ridge added to the inputs' second moment, relative to its mean diagonal (keeps the
+#: Cholesky factor invertible when some inputs never vary, e.g. after a ReLU).
+RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class Factors:
+    """``W ~ up @ down``: ``up`` (``OUT x r``) and ``down`` (``r x IN``)."""
+
+    up: np.ndarray
+    down: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank}
+
+
+def ranks(in_features: int, out_features: int) -> list[int]:
+    """The ranks offered for an ``OUT x IN`` weight: below the break-even rank, largest
+    first (see :data:`RANK_FRACTIONS`)."""
+    even = in_features * out_features / (in_features + out_features)
+    offered = {RANK_STEP * math.ceil(even * fraction / RANK_STEP) for fraction in RANK_FRACTIONS}
+    return sorted((r for r in offered if 0 < r < even), reverse=True)
+
+
+def factor(weight: np.ndarray, rank: int, patches: np.ndarray | None = None) -> Factors:
+    """The rank-``rank`` factors of ``weight`` (``OUT x IN``) of least output error on
+    ``patches`` (``m x IN``), or of least weight-space error without (module doc)."""
+    weight = np.asarray(weight, np.float64)
+    if patches is None:
+        u, s, vt = np.linalg.svd(weight, full_matrices=False)
+        return Factors(u[:, :rank] * s[:rank], vt[:rank])
+    moment = patches.T @ patches / len(patches)
+    moment += RIDGE * max(float(np.trace(moment)) / len(moment), 1e-30) * np.eye(len(moment))
+    lower = np.linalg.cholesky(moment)
+    u, s, vt = np.linalg.svd(weight @ lower, full_matrices=False)
+    down = np.linalg.solve(lower.T, vt[:rank].T).T  # V_r^T L^-1
+    return Factors(u[:, :rank] * s[:rank], down)
+
+
+def output_error(weight: np.ndarray, factors: Factors, patches: np.ndarray) -> float:
+    """``||(W - U V) P^T||_F / ||W P^T||_F``: the layer's relative output error, bias
+    excluded."""
+    reference = patches @ np.asarray(weight, np.float64).T
+    approximate = (patches @ factors.down.T) @ factors.up.T
+    scale = float(np.linalg.norm(reference))
+    return float(np.linalg.norm(reference - approximate)) / scale if scale > 0 else 0.0
+
+
+def _applies(site: Site) -> bool:
+    if site.skip_reason or site.weight is None or site.weight.dtype not in (np.float32,
+                                                                            np.float64):
+        return False
+    if isinstance(site, linear.LinearSite):
+        return site.feature_axis == -1
+    return (isinstance(site, conv.ConvSite) and site.batchnorm is None
+            and site.geometry.group == 1 and all(k == 1 for k in site.geometry.kernel))
+
+
+def _matrix(site: Site) -> np.ndarray:
+    """The site's weight as ``OUT x IN``."""
+    return site.weight.reshape(site.weight.shape[0], -1)
+
+
+def _parts(site: Site, rank: int) -> tuple[Part, ...]:
+    """The two thin layers' constants and operators (bias on the second)."""
+    out_features, in_features = _matrix(site).shape
+    geom = site.geometry
+    if isinstance(site, linear.LinearSite):
+        down_op = cost.linear_op(cost.LinearGeometry(geom.rows, in_features, rank), in_features)
+        up_op = cost.linear_op(cost.LinearGeometry(geom.rows, rank, out_features), rank)
+    else:
+        down_op = cost.conv_op(rank, in_features, in_features, geom.kernel, geom.input_positions)
+        up_op = cost.conv_op(out_features, rank, rank, geom.kernel, 1.0)
+    return (Part("down", rank * in_features, (down_op,), geom.positions),
+            Part("up", out_features * rank + site.bias_size, (up_op,), geom.positions))
+
+
+class LowRankFamily(Family):
+    """Two thin layers for a MAC budget (see the module doc)."""
+
+    name = "lowrank"
+    description = ("low-rank factorization: a fully connected or 1x1 conv weight as two thin "
+                   "layers (MAC budget only, fitted on the calibration data)")
+
+    def find(self, view) -> list[Site]:
+        sites = conv.find(view, self.name) + linear.find(view, self.name)
+        return [site for site in sites if _applies(site)]
+
+    def candidates(self, site: Site, tol: float) -> list[Candidate]:
+        return []  # exact low rank is left to the families of exact structure
+
+    def calibration(self, site: Site, seed: int) -> CalibrationRequest | None:
+        return box_calibrate.request(site, seed)
+
+    def calibrate(self, site: Site, candidates: list[Candidate], sample: np.ndarray,
+                  budget: bool, alpha_fit: str) -> list[Candidate]:
+        if not budget:
+            return candidates
+        weight, patches = _matrix(site), sample.reshape(-1, sample.shape[-1])
+        norm = float(np.linalg.norm(weight))
+        offered = []
+        for rank in ranks(weight.shape[1], weight.shape[0]):
+            plain = factor(weight, rank)
+            fitted = factor(weight, rank, patches) if alpha_fit == "data" else plain
+            residual = float(np.linalg.norm(weight - fitted.up @ fitted.down)) / max(norm, 1e-300)
+            offered.append(Candidate(
+                self.name, f"rank {rank}", residual, _parts(site, rank), payload=fitted,
+                rounding_depth=weight.shape[1] + rank, approximate=True,
+                output_error=output_error(weight, fitted, patches),
+                output_error_weight_alpha=output_error(weight, plain, patches)))
+        return candidates + offered
+
+    def emit(self, site: Site, candidate: Candidate, emitter: Emitter) -> None:
+        factors: Factors = candidate.payload
+        node, at = emitter.node(site.node), emitter.at(site.node, site.name)
+        old_weight = node.inputs[1]
+        down, up = factors.down.astype(site.weight.dtype), factors.up.astype(site.weight.dtype)
+        if isinstance(site, linear.LinearSite):
+            node.inputs[0] = at.node("MatMul", "lowrank_down",
+                                     [node.inputs[0], at.constant("lowrank_down_w", down.T)])
+            node.inputs[1] = at.constant("lowrank_up_w", linear.stored_weight(node, up))
+        else:
+            ones = (1,) * len(site.geometry.kernel)
+            first = at.constant("lowrank_down_w", down.reshape(factors.rank, -1, *ones))
+            node.inputs[0] = at.node("Conv", "lowrank_down", [node.inputs[0], first],
+                                     dict(node.attrs))
+            node.inputs[1] = at.constant("lowrank_up_w",
+                                         up.reshape(up.shape[0], factors.rank, *ones))
+            node.attrs = {}  # a plain 1x1 conv: strides, pads and auto_pad went to the first
+        drop_if_unused(emitter.graph_of(site.node), old_weight)
+
+
+__all__ = ["LowRankFamily", "factor", "ranks"]

@@ -94,8 +94,9 @@ def accuracy_proxy(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     ``top1_agreement`` for class scores ``(N, K)`` with ``K > 1`` (the fraction
     of samples whose arg-max agrees); ``position_agreement`` for sequence
     scores ``(N, T, K)`` with ``K > 1`` (CTC, tokens: the fraction of the
-    ``N T`` positions whose arg-max over ``K`` agrees); None otherwise, where
-    ``rel_error`` is the measure.
+    ``N T`` positions whose arg-max over ``K`` agrees; the layout is assumed
+    batch first, classes last, as exporters of CTC heads write it); None
+    otherwise, where ``rel_error`` is the measure.
     """
     diff = sum(float(np.sum((np.asarray(candidate[k], np.float64) - np.asarray(v, np.float64)) ** 2))
                for k, v in reference.items())

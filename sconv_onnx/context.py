@@ -1,9 +1,8 @@
 """The shape context MACs are counted in: one batch for every layer, shapes onnxruntime
 observes where inference cannot tell them.
 
-A model's MACs are counted at batch 1, or at the batch the user's
-``--input-shape`` gives, whatever batch the verification or calibration data
-has (a calibration set of 8 samples must not make a final MatMul, whose rows
+A model's MACs are counted at batch 1, whatever batch the verification or
+calibration data, or an ``--input-shape`` hint, has (a calibration set of 8 samples must not make a final MatMul, whose rows
 carry the batch, look 8 times larger than the convs, whose positions are
 counted per sample).  Where onnx's shape inference cannot tell the shapes of a
 layer's tensors in the main graph (a ``Reshape`` to a computed shape, a
@@ -26,26 +25,34 @@ from .verify import random_feeds
 COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "CumSum")
 
 
-def context_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                   hinted: set[str]) -> dict[str, tuple[int, ...]]:
-    """``shapes`` (the run's input shapes) with a dynamic leading (batch) dim set to 1,
-    except for the inputs the user gave a shape for (``hinted``)."""
-    context = dict(shapes)
-    for inp in graph_inputs(model):
-        dims, shape = declared_dims(inp), shapes.get(inp.name)
-        if shape and inp.name not in hinted and dims and not isinstance(dims[0], int):
-            context[inp.name] = (1, *shape[1:])
-    return context
+def context_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
+                   ) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (the run's input shapes) at batch 1: the leading dim set to 1 where the
+    model declares it dynamic, in every input of rank 2 or more.
+
+    Left as they are when that dim may not be a batch: inputs whose leading
+    symbols differ, or a symbol that an input also carries elsewhere (a
+    time-major ``[T, N, F]`` beside ``[N, F]``, or a rank-1 ``[N]``).
+    """
+    inputs = graph_inputs(model)
+    declared = {inp.name: declared_dims(inp) for inp in inputs}
+    leading = {name: dims[0] for name, dims in declared.items()
+               if len(dims) >= 2 and not isinstance(dims[0], int) and shapes.get(name)}
+    symbols = set(leading.values())
+    elsewhere = {dim for dims in declared.values() for dim in dims[1:] if isinstance(dim, str)}
+    elsewhere |= {dims[0] for dims in declared.values() if len(dims) == 1}
+    if len(symbols) != 1 or symbols & elsewhere:
+        return dict(shapes)
+    return {name: (1, *shape[1:]) if name in leading else shape for name, shape in shapes.items()}
 
 
 def context_feeds(model: onnx.ModelProto, context: dict, feeds: dict | None,
                   seed: int) -> dict:
-    """Inputs at the ``context`` shapes: the user's arrays cut to the context's batch where
-    they match it otherwise, else seeded random ones."""
-    if feeds and all(name in feeds and np.asarray(feeds[name]).shape[1:] == tuple(shape[1:])
-                     and len(feeds[name]) >= shape[0] for name, shape in context.items() if shape):
-        return {name: np.asarray(feeds[name])[: context[name][0]] if context.get(name) else
-                np.asarray(feeds[name]) for name in context}
+    """Inputs at the ``context`` shapes: the user's arrays cut to the context's batch (they
+    hold every input, checked), else seeded random ones."""
+    if feeds:
+        return {name: np.asarray(value)[: context[name][0]] if context.get(name) else value
+                for name, value in feeds.items()}
     return random_feeds(model, context, seed)
 
 

@@ -79,9 +79,7 @@ def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=
     """Shapes, the graph view, each family's sites and candidates; with calibration
     ``batches``, the candidates' output errors (and a budget's approximate candidates)."""
     feeds, shapes = resolve_inputs(model, input_shapes, inputs, strict)
-    hinted = set(parse_shape_hints(input_shapes.items() if isinstance(input_shapes, dict)
-                                   else input_shapes))
-    context = context_shapes(model, shapes.shapes, hinted)
+    context = context_shapes(model, shapes.shapes)
     view = ModelView.of(model, context, observer(model, context, feeds, options.seed))
     families = resolve(options.families)
     entries = [SiteEntry(family, site, family.candidates(site, float(options.tol)))
@@ -125,7 +123,8 @@ def budget_notes(target: float | None, before: int | None, after: int | None) ->
     ratio = after / before
     verdict = "met" if ratio <= target else "NOT met"
     return [(f"MAC budget {target:g} {verdict}: the written model has {ratio:.3f} of the "
-             f"original's MACs (counted on both models)")]
+             f"original's MACs (every counted op, counted on both models; the budget itself "
+             f"weighs the layers it can move)")]
 
 
 def calibrate(analysis: Analysis) -> None:

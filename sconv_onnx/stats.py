@@ -15,8 +15,8 @@ from .modelio import graphs
 @dataclass
 class ModelStats:
     """``macs`` counts the multiply-adds of :mod:`sconv_onnx.macs` (Conv, ConvTranspose,
-    Gemm, MatMul, and the additions of AveragePool and CumSum) at the verification
-    input shapes (None when a shape is unknown); ``params`` counts elements of initializers and
+    Gemm, MatMul, and the additions of AveragePool and CumSum) at the shapes given:
+    the MAC context (:mod:`sconv_onnx.context`; None when a shape is unknown); ``params`` counts elements of initializers and
     ``Constant`` tensors; ``size`` is the serialized size in bytes."""
 
     ops: Counter = field(default_factory=Counter)

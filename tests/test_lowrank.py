@@ -52,6 +52,17 @@ def test_data_aware_factors_lose_less_output_than_weight_space_ones():
     assert output_error(weight, fitted, patches) < 0.5 * output_error(weight, plain, patches)
 
 
+def test_few_patches_do_not_make_a_perfect_fit_that_fails_on_other_inputs():
+    """A classifier sees one row per sample: with fewer rows than inputs, an unshrunk fit
+    would reproduce them exactly (error ~0) and be far off on other inputs."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((64, 128))
+    seen, unseen = rng.standard_normal((16, 128)), rng.standard_normal((2000, 128))
+    fitted, plain = factor(weight, 16, seen), factor(weight, 16)
+    assert output_error(weight, fitted, seen) > 0.3  # no illusion of a free move
+    assert output_error(weight, fitted, unseen) < 1.05 * output_error(weight, plain, unseen)
+
+
 def test_ranks_are_whole_blocks_below_break_even():
     offered = ranks(512, 256)  # break-even 170.7
     assert offered == [128, 96, 48] and all(r % RANK_STEP == 0 for r in offered)
@@ -66,7 +77,7 @@ def test_budget_takes_low_rank_layers_and_their_macs_match_the_written_model():
     layers = {layer.node: layer for layer in report.plan.layers}
     assert all(layer.family == "lowrank" and layer.decided_by == "budget"
                for layer in layers.values())
-    assert {layer.chosen.label for layer in layers.values()} == {"rank 16"}
+    assert {layer.chosen.label for layer in layers.values()} <= {"rank 16", "rank 32"}
     # the plan's MACs are the emitted nodes' MACs, counted afresh on the written model
     assert report.plan.totals()["macs_after"] == report.after.macs < 0.6 * report.before.macs
     assert [node.op_type for node in new.graph.node].count("Conv") == 2

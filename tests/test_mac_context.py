@@ -8,6 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import sconv_onnx
+from sconv_onnx.context import context_shapes
 from sconv_onnx.shapes import infer_tensor_shapes
 
 CONV_MACS = 6 * 6 * 8 * 4 * 9  # per sample: 8 filters of 4x3x3 over 6x6 positions
@@ -55,8 +56,28 @@ def test_every_layer_is_counted_at_batch_1_with_a_batched_calibration_set():
     assert any("counted at batch 1" in note for note in report.notes)
 
 
-def test_a_batch_the_user_gives_is_the_context():
+def test_a_hinted_batch_is_counted_at_batch_1_too():
+    """Conv positions are counted per sample: a MatMul's rows must be too."""
     model = _dynamic_matmul_model()
     plan = sconv_onnx.analyze(model, input_shapes={"x": (2, 4, 6, 6)})
     assert {layer.node: layer.macs_before for layer in plan.layers} == {
-        "conv": CONV_MACS, "fc": 2 * MATMUL_MACS}  # conv positions are per sample (batch 1)
+        "conv": CONV_MACS, "fc": MATMUL_MACS}
+    _, report = sconv_onnx.optimize(model, input_shapes={"x": (2, 4, 6, 6)})
+    assert report.before.macs == report.plan.totals()["macs_before"]
+
+
+def _inputs(*declared) -> onnx.ModelProto:
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in declared]
+    graph = helper.make_graph([helper.make_node("Identity", [declared[0][0]], ["y"])], "g",
+                              values, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph)
+
+
+def test_a_leading_dim_that_may_not_be_a_batch_is_left_alone():
+    shapes = {"x": (8, 4), "h": (2, 8, 4), "lengths": (8,)}
+    assert context_shapes(_inputs(("x", ["N", 4]), ("h", [2, "N", 4])),
+                          shapes) == shapes  # N is h's axis 1 (time-major)
+    assert context_shapes(_inputs(("x", ["N", 4]), ("lengths", ["N"])), shapes) == shapes
+    assert context_shapes(_inputs(("x", ["N", 4]), ("h", ["M", 8, 4])), shapes) == shapes
+    assert context_shapes(_inputs(("x", ["N", 4]), ("h", ["N", 8, 4])), shapes) == {
+        "x": (1, 4), "h": (1, 8, 4), "lengths": (8,)}

@@ -9,13 +9,19 @@ Pretrained weights are rarely low rank, so today the family offers
 *approximate* candidates to a MAC budget only (issue 12), never exact ones: a
 structured weight stays the box family's.  The factors are fitted on the
 layer's calibration inputs (``alpha_fit="data"``): with the input patches
-``P`` (``m x IN``) and their second moment ``S = P^T P / m = L L^T``, the
-output error ``||(W - U V) P^T||_F`` is ``sqrt(m) ||(W - U V) L||_F``, which
-the truncated SVD of ``W L`` minimizes (``U = U_r S_r``, ``V = V_r^T L^-1``).
-In weight space (``alpha_fit="weights"``) it is the truncated SVD of ``W``.
-Ranks are multiples of :data:`RANK_STEP` (whole NCHWc blocks of 8 or 16
-floats on every x86 machine seen), at fractions :data:`RANK_FRACTIONS` of
-the break-even rank.
+``P`` (``m x IN``) and their second moment ``S = P^T P / m``, the output
+error ``||(W - U V) P^T||_F`` is ``sqrt(m) ||(W - U V) L||_F`` for ``L L^T = S``,
+which the truncated SVD of ``W L`` minimizes (``U = U_r S_r``,
+``V = V_r^T L^-1``).  Few patches would be matched and nothing else (a
+classifier sees one row per sample, often fewer than its inputs), so ``S``
+is shrunk toward the weight-space metric as the box family's alphas are
+(:mod:`sconv_onnx.datafit`): ``S + lambda mu I`` with ``lambda = IN / m``
+(times :data:`~sconv_onnx.datafit.SHRINK`) and ``mu`` the mean squared
+patch entry; with little data the fit tends to the truncated SVD of ``W``,
+which is the fit in weight space (``alpha_fit="weights"``).
+Ranks are :data:`RANK_FRACTIONS` of the break-even rank rounded up to a
+multiple of :data:`RANK_STEP` (whole NCHWc blocks of 8 or 16 floats on every
+x86 machine seen), those still below it.
 
 Sites: ``MatMul`` ``x @ W``, ``Gemm`` without ``transA``, and ``Conv`` with a
 1x1 kernel, one group and no BatchNormalization to fold; the readers are the
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import cost
+from .. import cost, datafit
 from ..plan import Candidate, Part
 from .base import CalibrationRequest, Emitter, Family, Site
 from .box import calibrate as box_calibrate
@@ -40,9 +46,6 @@ from .graphs import drop_if_unused
 RANK_STEP = 16
 #: The ranks offered, as fractions of the break-even rank ``IN OUT / (IN + OUT)``.
 RANK_FRACTIONS = (0.75, 0.5, 0.25)
-#: Ridge added to the inputs' second moment, relative to its mean diagonal (keeps the
-#: Cholesky factor invertible when some inputs never vary, e.g. after a ReLU).
-RIDGE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ def factor(weight: np.ndarray, rank: int, patches: np.ndarray | None = None) -> 
     if patches is None:
         u, s, vt = np.linalg.svd(weight, full_matrices=False)
         return Factors(u[:, :rank] * s[:rank], vt[:rank])
-    moment = patches.T @ patches / len(patches)
-    moment += RIDGE * max(float(np.trace(moment)) / len(moment), 1e-30) * np.eye(len(moment))
-    lower = np.linalg.cholesky(moment)
+    count, features = patches.shape
+    moment = patches.T @ patches / count
+    pull = datafit.SHRINK * features / count * max(float(np.mean(patches**2)), 1e-300)
+    lower = np.linalg.cholesky(moment + pull * np.eye(features))
     u, s, vt = np.linalg.svd(weight @ lower, full_matrices=False)
     down = np.linalg.solve(lower.T, vt[:rank].T).T  # V_r^T L^-1
     return Factors(u[:, :rank] * s[:rank], down)

@@ -163,7 +163,8 @@ def _summary_line(report, out: str) -> str:
 def _optimize(args) -> int:
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file")
-    check_output_paths(args.input, args.output, args.report)
+    input_files = model_files(args.input)  # never overwritten, nor removed as an old output's
+    check_output_paths(args.input, args.output, args.report, input_files=input_files)
     try:
         model, report = optimize(
             args.input, tol=args.tol, select=args.select, families=args.families,
@@ -177,7 +178,7 @@ def _optimize(args) -> int:
             print(exc.report.format())
         raise
     data = save_model(model, args.output, external_data=args.external_data,
-                      keep=model_files(args.input))
+                      keep=input_files)
     del model  # --bench reads both models from their files
     if args.report:
         write_atomic(args.report, json_text(report.to_dict()).encode())

@@ -18,7 +18,7 @@ import onnx
 
 from .errors import InputError
 from .runtime import observe
-from .shapes import declared_dims, graph_inputs
+from .shapes import declared_dims, graph_inputs, known_dims
 from .verify import random_feeds
 
 #: The ops whose MACs are counted from their input and output shapes (:mod:`sconv_onnx.stats`).
@@ -56,10 +56,6 @@ def context_feeds(model: onnx.ModelProto, context: dict, feeds: dict | None,
     return random_feeds(model, context, seed)
 
 
-def _known(dims) -> bool:
-    return dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
-
-
 def unknown_layer_tensors(model: onnx.ModelProto, shapes: dict) -> list[str]:
     """The inputs and outputs of the main graph's counted layers (:data:`COUNTED_OPS`)
     whose dims ``shapes`` does not tell."""
@@ -67,7 +63,7 @@ def unknown_layer_tensors(model: onnx.ModelProto, shapes: dict) -> list[str]:
     for node in model.graph.node:
         if node.op_type in COUNTED_OPS and node.domain in ("", "ai.onnx"):
             names += [name for name in list(node.input[:2]) + list(node.output[:1])
-                      if name and not _known(shapes.get(name))]
+                      if name and not known_dims(shapes.get(name))]
     return list(dict.fromkeys(names))
 
 

@@ -39,7 +39,7 @@ from .errors import first_line
 from .modelio import graphs, subgraphs, tensor_nbytes
 from .plan import LayerPlan
 from .runtime import observe, run
-from .shapes import declared_dims, inferred_skeleton
+from .shapes import inferred_skeleton, known_dims, typed_values
 from .verify import OutputError, compare_outputs, random_feeds
 from .view import overridable_names
 
@@ -227,17 +227,11 @@ class LayerCheck:
                 "max_rel": None if error is None else error.max_rel, "summary": self.summary()}
 
 
-def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
-    """``{tensor: (elem_type, dims)}`` for every typed value of ``model``'s graphs (as
-    inferred: pass a model with shapes inferred)."""
-    types = {}
-    for graph in graphs(model.graph):
-        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-                types[value.name] = (value.type.tensor_type.elem_type, declared_dims(value))
-        for init in graph.initializer:
-            types[init.name] = (init.data_type, list(init.dims))
-    return types
+def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]:
+    """``{tensor: (elem_type, dims)}`` of every typed tensor of ``model``'s graphs,
+    subgraphs included (pass a model with shapes inferred)."""
+    return {name: typed for graph in graphs(model.graph)
+            for name, typed in typed_values(graph).items() if typed[0]}
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -266,13 +260,13 @@ def fallback_shape(node: onnx.NodeProto, layer: LayerPlan, name: str) -> list[in
 
 def _leaf_shape(dims: list, fallback: list[int]) -> tuple[int, ...]:
     """``dims`` where known; else ``fallback``, else the batch 1 and :data:`FALLBACK_DIM`."""
-    if _known(dims):
+    if known_dims(dims):
         return tuple(dims)
     if fallback and (not dims or len(dims) == len(fallback)):
         return tuple(d if isinstance(d, int) and d > 0 else f for d, f in
                      zip(dims or fallback, fallback))
     return tuple(d if isinstance(d, int) and d > 0 else (1 if axis == 0 else FALLBACK_DIM)
-                 for axis, d in enumerate(dims))
+                 for axis, d in enumerate(dims or ()))
 
 
 def plan_checks(original: onnx.ModelProto, rewritten: onnx.ModelProto,
@@ -308,7 +302,7 @@ def _check_feeds(checks: list[LayerCheck], types: dict, seed: int) -> dict[str, 
     inputs, shapes = [], {}
     for i, check in enumerate(checks):
         for name in _leaves(check):
-            elem, dims = types.get(name, (TensorProto.FLOAT, []))
+            elem, dims = types.get(name, (TensorProto.FLOAT, None))
             inputs.append(onnx.helper.make_tensor_value_info(f"layer{i}/{name}", elem, None))
             shapes[f"layer{i}/{name}"] = _leaf_shape(dims, check.fallbacks.get(name, []))
     leaves = onnx.helper.make_model(onnx.helper.make_graph([], "leaves", inputs, []))
@@ -375,7 +369,7 @@ def check_layers(original: onnx.ModelProto, rewritten: onnx.ModelProto, layers: 
     skeleton = inferred_skeleton(original, input_shapes)
     types = value_types(skeleton)
     checks = plan_checks(original, rewritten, layers, max_error)
-    if feeds is not None and any(not _known(types.get(name, (0, []))[1])
+    if feeds is not None and any(not known_dims(types.get(name, (0, None))[1])
                                  for check in checks for name in _leaves(check)):
         observed = observe(original, unknown_tensors(skeleton, types), feeds)
         if observed:
@@ -387,15 +381,11 @@ def check_layers(original: onnx.ModelProto, rewritten: onnx.ModelProto, layers: 
     return checks
 
 
-def _known(dims: list) -> bool:
-    return bool(dims) and all(isinstance(dim, int) and dim > 0 for dim in dims)
-
-
 def unknown_tensors(skeleton: onnx.ModelProto, types: dict) -> list[str]:
     """The tensors the main graph's nodes make whose type or sizes inference could not
     tell (e.g. behind a ``Loop``)."""
     return [name for node in skeleton.graph.node for name in node.output
-            if name and not _known(types.get(name, (0, []))[1])]
+            if name and not known_dims(types.get(name, (0, None))[1])]
 
 
 def reinferred(skeleton: onnx.ModelProto, observed: dict) -> onnx.ModelProto:

@@ -448,13 +448,18 @@ _TMP_MARK = ".sconv-"
 
 
 def check_output_paths(in_path: str | os.PathLike | None, out_path: str | os.PathLike,
-                       *others: str | os.PathLike | None) -> Path:
+                       *others: str | os.PathLike | None,
+                       input_files: set[Path] | None = None) -> Path:
     """Validate ``out_path`` and the further output files ``others`` (e.g. a report)
     before any work; :class:`InputError` if one is not writable, names a folder, equals
-    another or is a file of the input model (which is never overwritten)."""
+    another or is a file of the input model (which is never overwritten).
+    ``input_files``: the input's :func:`model_files`, when the caller has them."""
     paths = [Path(out_path)] + [Path(other) for other in others if other is not None]
-    protected = model_files(in_path) if in_path is not None and Path(in_path).is_file() else set()
+    protected = set()
     if in_path is not None:
+        exists = Path(in_path).is_file()
+        protected = set(input_files if input_files is not None else
+                        model_files(in_path) if exists else ())
         protected.add(Path(in_path).resolve())
     seen: dict[Path, Path] = {}
     for path in paths:

@@ -348,14 +348,27 @@ def infer_tensor_shapes(
     above 2 GiB.  Small tensors (shapes, axes) stay in the copy for the ops
     whose output shape depends on their values.
     """
-    graph = inferred_skeleton(model, input_shapes).graph
-    shapes: dict[str, list[int | str | None]] = {}
+    values = typed_values(inferred_skeleton(model, input_shapes).graph)
+    return {name: dims for name, (_, dims) in values.items() if dims is not None}
+
+
+def typed_values(graph: onnx.GraphProto) -> dict[str, tuple[int, list | None]]:
+    """``{name: (elem_type, dims)}`` of ``graph``'s tensors that carry a type: inputs,
+    value infos, outputs and initializers (``dims`` None where the rank is unknown)."""
+    values: dict[str, tuple[int, list | None]] = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = declared_dims(value)
+        if value.type.HasField("tensor_type"):
+            tensor = value.type.tensor_type
+            values[value.name] = (tensor.elem_type,
+                                  declared_dims(value) if tensor.HasField("shape") else None)
     for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+        values[init.name] = (init.data_type, list(init.dims))
+    return values
+
+
+def known_dims(dims) -> bool:
+    """Whether ``dims`` (None: unknown rank) are all concrete sizes."""
+    return dims is not None and all(isinstance(dim, int) and dim >= 0 for dim in dims)
 
 
 def inferred_skeleton(

@@ -10,6 +10,7 @@ import onnx
 
 from . import macs
 from .modelio import graphs
+from .shapes import known_dims
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelStats:
 
 def _known(shapes: dict, name: str) -> list[int] | None:
     dims = shapes.get(name)
-    return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
+    return dims if known_dims(dims) else None
 
 
 def _int_attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:

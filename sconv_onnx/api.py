@@ -22,13 +22,11 @@ from .runtime import run
 from .verify import compare_outputs, random_feeds
 
 
-def _options(tol, select, families, target_macs, alpha_fit, seed, threads,
-             calib_data) -> Options:
+def _options(calib_data, families, **settings) -> Options:
+    """Checked :class:`Options` from the API's keyword arguments."""
     if isinstance(families, str):
         families = families.split(",")
-    options = Options(tol=tol, select=select,
-                      families=None if families is None else tuple(families),
-                      target_macs=target_macs, alpha_fit=alpha_fit, seed=seed, threads=threads)
+    options = Options(families=None if families is None else tuple(families), **settings)
     return options.check(calibration=calib_data is not None)
 
 
@@ -45,6 +43,8 @@ def analyze(
     target_macs: float | None = None,
     alpha_fit: str = "data",
     seed: int = 0,
+    min_agreement: float | None = None,
+    sequential_fit: bool = True,
 ) -> Plan:
     """Plan without rewriting: per layer the candidates, the choice, its cost and the reason.
 
@@ -53,9 +53,12 @@ def analyze(
     ``families``: names (a list or ``"a,b"``) of the structure families to
     ask; every registered one by default.  ``calib_data`` (an ``.npz`` path or
     a dict of arrays) adds each layer's output error; with ``target_macs``,
-    the budget's choices (see :func:`optimize`).
+    the budget's choices (see :func:`optimize`; ``min_agreement`` and
+    ``sequential_fit`` as there).
     """
-    options = _options(tol, select, families, target_macs, alpha_fit, seed, threads, calib_data)
+    options = _options(calib_data, families, tol=tol, select=select, target_macs=target_macs,
+                       alpha_fit=alpha_fit, seed=seed, threads=threads,
+                       min_agreement=min_agreement, sequential_fit=sequential_fit)
     model = load_model(model_or_path)
     batches, inputs = pipeline.calibration_batches(model, calib_data, inputs)
     analysis = pipeline.analyse(model, options, input_shapes, inputs, strict=False, batches=batches)
@@ -78,6 +81,9 @@ def optimize(
     calib_data=None,
     target_macs: float | None = None,
     alpha_fit: str = "data",
+    min_agreement: float | None = None,
+    strict_target: bool = False,
+    sequential_fit: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite every layer the plan selects; verify with onnxruntime.
 
@@ -112,13 +118,33 @@ def optimize(
             (``report.calibration``: top-1 agreement, relative error).
             Without ``inputs``, its first batch is also the verification input.
         target_macs: with ``calib_data``, a compression budget for weights
-            that are not structured: layers are forced onto approximate
-            structures, least output error per MAC saved first, until the
-            layers' MACs are at most this fraction of the original's
-            (:mod:`sconv_onnx.budget`).  Errors are then reported, bounded
-            only by ``max_error``.
-        alpha_fit: ``"data"`` (default) solves a budget's alphas on the
-            layer's calibration inputs, ``"weights"`` in weight space.
+            that are not structured: layers are moved onto approximate
+            candidates (box structures, low-rank factors), least added
+            error at the model's output per MAC saved first (each layer's
+            sensitivity measured in onnxruntime), until the layers' MACs are
+            at most this fraction of the original's; the layers taken are
+            then fitted again on the inputs they receive in the compressed
+            model (:mod:`sconv_onnx.endtoend`).  The budget stops early
+            where the model on the calibration data would leave its bound
+            (``min_agreement``, ``max_error``) and the report says the MAC
+            ratio reached.
+        alpha_fit: ``"data"`` (default) fits a budget's factors on the
+            layer's calibration inputs, ``"weights"`` in weight space (no
+            sequential fit).
+        min_agreement: a budget's bound: the least fraction of answers
+            (top-1 class, or arg-max per position of an ``N x T x K``
+            output) the compressed model must keep on the calibration data.
+            Default 0.99; for outputs without classes the bound is instead
+            ``max_error`` on the calibration data's relative error
+            ``||y - y0|| / ||y0||`` (default 0.05).
+        strict_target: raise :class:`VerificationError` when the written
+            model's MACs are above ``target_macs`` (the bound stopped the
+            budget, or the target is out of reach) instead of reporting it.
+        sequential_fit: fit a budget's layers again, one after the other,
+            on the inputs they receive in the compressed model, and keep
+            that fit where it brings the model closer to the original on
+            the calibration data (False: each layer fitted on the original
+            model's inputs only).
 
     Returns:
         ``(model, report)``.  The input model is never modified.  Weights
@@ -130,10 +156,14 @@ def optimize(
         InputError: bad input (exit code 2 on the CLI).
         VerificationError: a check failed: an output beyond ``max_error``,
             a NaN or differing infinities in an output, or a rewritten layer
-            over its own bound when run alone (:mod:`sconv_onnx.layercheck`);
-            its ``report`` attribute holds the report (exit code 1).
+            over its own bound when run alone (:mod:`sconv_onnx.layercheck`),
+            or with ``strict_target`` a MAC budget not met; its ``report``
+            attribute holds the report (exit code 1).
     """
-    options = _options(tol, select, families, target_macs, alpha_fit, seed, threads, calib_data)
+    options = _options(calib_data, families, tol=tol, select=select, target_macs=target_macs,
+                       alpha_fit=alpha_fit, seed=seed, threads=threads,
+                       min_agreement=min_agreement, strict_target=strict_target,
+                       sequential_fit=sequential_fit)
     check_bound(max_error)
     return pipeline.optimize(model_or_path, options, input_shapes=input_shapes, inputs=inputs,
                              verify=verify, max_error=max_error, calib_data=calib_data)

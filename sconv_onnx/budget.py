@@ -9,11 +9,14 @@ layer, each with the relative error of the layer's output on the data
 over all layers, the move to a cheaper candidate with the least
 ``(e_new^2 - e_now^2) / (MACs_now - MACs_new)``: output error added per MAC
 saved, in the spirit of AIMET's greedy per-layer ratio selection.  It stops
-once the layers' MACs are at most ``R`` times the original's.
+once the layers' MACs are at most ``R`` times the original's.  Weighted by each
+layer's measured sensitivity, and cut short where the model's output leaves
+its bound, it is the end-to-end budget of :mod:`sconv_onnx.endtoend`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 from .plan import Candidate
@@ -22,24 +25,32 @@ ALPHA_FITS = ("data", "weights")
 
 
 def greedy(options: dict[Hashable, list[Candidate]], current: dict[Hashable, tuple[int, float]],
-           total: int, target: float) -> tuple[dict[Hashable, Candidate], int]:
+           total: int, target: float, sensitivity: dict[Hashable, float] | None = None,
+           ) -> list[tuple[Hashable, Candidate, int]]:
     """Moves, least error per MAC saved first, until ``total <= target``.
 
     ``options`` maps a layer to its approximate candidates (with ``output_error``);
-    ``current`` each layer to its (MACs, output error) now.  Returns the candidate
-    chosen per moved layer and the MAC total reached (MACs counted without shared
-    parts: an upper bound).
+    ``current`` each layer to its (MACs, output error) now; ``sensitivity`` each
+    layer to how much of its output error (squared) reaches the model's output
+    (:mod:`sconv_onnx.endtoend`; 1 where not given, and a layer whose is not finite
+    is never moved).  Returns the moves in order, each ``(layer, candidate, MAC
+    total after it)`` (MACs counted without shared parts: an upper bound); a
+    layer may move more than once, its last move standing.
     """
-    chosen: dict[Hashable, Candidate] = {}
+    sensitivity = sensitivity or {}
+    moves: list[tuple[Hashable, Candidate, int]] = []
     current = dict(current)
     while total > target:
         best = None
         for layer, layer_options in options.items():
+            weight = sensitivity.get(layer, 1.0)
+            if not math.isfinite(weight):
+                continue
             macs, error = current[layer]
             for option in layer_options:
                 option_macs = option.macs()
                 if option_macs < macs:
-                    slope = (option.output_error**2 - error**2) / (macs - option_macs)
+                    slope = weight * (option.output_error**2 - error**2) / (macs - option_macs)
                     if best is None or slope < best[0]:
                         best = (slope, layer, option)
         if best is None:
@@ -47,5 +58,5 @@ def greedy(options: dict[Hashable, list[Candidate]], current: dict[Hashable, tup
         _, layer, option = best
         total -= current[layer][0] - option.macs()
         current[layer] = (option.macs(), option.output_error)
-        chosen[layer] = option
-    return chosen, total
+        moves.append((layer, option, total))
+    return moves

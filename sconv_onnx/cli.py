@@ -73,7 +73,20 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--alpha-fit", choices=("data", "weights"), default="data",
-        help="solve a budget's alphas on the calibration inputs (data, default) or in weight space",
+        help="fit a budget's factors on the calibration inputs (data, default) or in weight space",
+    )
+    parser.add_argument(
+        "--min-agreement", type=float, metavar="A",
+        help="a budget's bound: the compressed model keeps at least this fraction of the "
+             "answers (top-1, or arg-max per position of an N x T x K output) on --calib-data; "
+             "the budget stops before breaking it (default 0.99; for outputs without classes "
+             "the bound is a relative output error of 0.05, or optimize's --max-error)",
+    )
+    parser.add_argument(
+        "--sequential-fit", action=argparse.BooleanOptionalAction, default=True,
+        help="fit a budget's layers again, one after the other, on the inputs they receive in "
+             "the compressed model, kept where it brings the model closer to the original on "
+             "--calib-data (default: on)",
     )
 
 
@@ -105,6 +118,10 @@ def _build_parser() -> argparse.ArgumentParser:
                      help=f"fail (exit 1, write nothing) above this relative output error "
                           f"(default {DEFAULT_MAX_ERROR:g} at the default --tol, else no bound)")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    opt.add_argument("--strict-target", action="store_true",
+                     help="fail (exit 1, write nothing) when the written model's MACs are above "
+                          "--target-macs (the bound stopped the budget, or the target is out of "
+                          "reach; default: write the model and report the ratio reached)")
     opt.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     opt.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                      help="write the weights to one file beside OUT, OUT.<token>.data (a name unique "
@@ -171,7 +188,8 @@ def _optimize(args) -> int:
             input_shapes=args.input_shape,
             inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
             threads=args.threads, calib_data=args.calib_data, target_macs=args.target_macs,
-            alpha_fit=args.alpha_fit,
+            alpha_fit=args.alpha_fit, min_agreement=args.min_agreement,
+            strict_target=args.strict_target, sequential_fit=args.sequential_fit,
         )
     except VerificationError as exc:
         if exc.report is not None and not args.quiet:
@@ -214,7 +232,8 @@ def _analyze(args) -> int:
     plan = analyze(args.input, tol=args.tol, select=args.select, families=args.families,
                    input_shapes=args.input_shape,
                    calib_data=args.calib_data, target_macs=args.target_macs,
-                   alpha_fit=args.alpha_fit)
+                   alpha_fit=args.alpha_fit, min_agreement=args.min_agreement,
+                   sequential_fit=args.sequential_fit)
     print(json_text(plan.to_dict()) if args.json else layer_table(plan) + "\n", end="")
     return 0
 
@@ -256,13 +275,8 @@ def _demo(args) -> int:
     save_model(demo_cnn.build(), source)
     print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured)")
     print(f"$ {PROG} optimize {source} {target}\n")
-    return _optimize(argparse.Namespace(
-        input=str(source), output=str(target), tol=DEFAULT_TOL, select="cost", families=None,
-        input_shape=[],
-        inputs=None, calib_data=None, target_macs=None, alpha_fit="data", no_verify=False,
-        max_error=None, report=None, quiet=False,
-        bench=True, threads=None, runs=50, warmup=10, external_data=None,
-    ))
+    return _optimize(_build_parser().parse_args(
+        ["optimize", str(source), str(target), "--bench", "--runs", "50"]))
 
 
 def _families(args) -> int:

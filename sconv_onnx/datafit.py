@@ -135,21 +135,35 @@ def basis_gram(shape: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
     return gram
 
 
+def original_outputs(weight: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """``P W^T`` per group: ``(g, m, O/g)`` for ``weight`` ``(O, ..)`` and ``patches``
+    ``(g, m, D)`` (float64; bias excluded)."""
+    patches = np.asarray(patches, dtype=np.float64)
+    flat = np.asarray(weight, np.float64).reshape(patches.shape[0], -1, patches.shape[2])
+    return patches @ flat.transpose(0, 2, 1)  # matmul: BLAS
+
+
 class LayerSample:
     """A layer's weight and sampled input patches: fits and scores alphas on them.
 
     ``weight``: ``(O, C, *K)`` (``(O, IN)`` for a fully connected layer),
     ``O`` split evenly over the groups of ``patches`` (``(group, m, D)``).
-    Holds the original outputs ``Y = P W^T`` (bias excluded) per group.
+    Holds the outputs to match, ``Y`` per group ``(g, m, O/g)``: the original
+    layer's on these patches, ``P W^T`` (bias excluded), unless ``targets``
+    are given.  A *sequential* fit gives the patches the layer receives in a
+    partly compressed model and, as ``targets``, what the original layer
+    computed at the same positions in the original model
+    (:func:`original_outputs`), so that the fit also undoes the error of the
+    layers before it.
     """
 
-    def __init__(self, weight: np.ndarray, patches: np.ndarray):
+    def __init__(self, weight: np.ndarray, patches: np.ndarray, targets: np.ndarray | None = None):
         self.weight = np.asarray(weight, dtype=np.float64)
         self.patches = np.asarray(patches, dtype=np.float64)
         self.group, self.positions = self.patches.shape[:2]
         self.shape = tuple(self.weight.shape[1:])
-        flat = self.weight.reshape(self.group, -1, math.prod(self.shape))  # (g, O/g, D)
-        self.outputs = self.patches @ flat.transpose(0, 2, 1)  # (g, m, O/g); matmul: BLAS
+        self.outputs = (original_outputs(self.weight, self.patches) if targets is None
+                        else np.asarray(targets, dtype=np.float64))
         self.output_norm = float(np.linalg.norm(self.outputs))
         self._last_pooled: tuple = (None, None)
         self.mean_square = float(np.mean(self.patches**2))  # mu: the shrinkage's scale

@@ -38,6 +38,14 @@ class Options:
     alpha_fit: str = "data"
     seed: int = 0
     threads: int | None = None
+    #: a budget's bound: the least agreement of the model's answers on the calibration
+    #: data (None: :data:`~sconv_onnx.endtoend.DEFAULT_MIN_AGREEMENT` unless ``max_error``)
+    min_agreement: float | None = None
+    #: an unmet MAC budget fails the run (exit 1) instead of being reported
+    strict_target: bool = False
+    #: a budget's layers fitted again, one after the other, on the inputs they receive in
+    #: the compressed model (False: one-shot fits on the original model's inputs)
+    sequential_fit: bool = True
 
     def check(self, calibration: bool = False) -> Options:
         """Raise :class:`InputError` on a bad setting; ``calibration``: data was given."""
@@ -59,6 +67,17 @@ class Options:
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
             raise InputError(f"{param('seed')} must be an integer >= 0, got {self.seed!r}")
         check_count("threads", self.threads, minimum=1)
+        for name in ("sequential_fit", "strict_target"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{param(name)} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.min_agreement is not None and not (
+                _is_number(self.min_agreement) and 0 <= self.min_agreement <= 1):
+            raise InputError(f"{param('min_agreement')} must be a fraction in [0, 1], "
+                             f"got {self.min_agreement!r}")
+        if self.target_macs is None and (self.min_agreement is not None or self.strict_target):
+            raise InputError(f"{param('min_agreement')} and {param('strict_target')} bound a "
+                             f"MAC budget: give {param('target_macs')} too")
         if self.families is not None:
             resolve(self.families)  # unknown or no names: an InputError before any work
         return self

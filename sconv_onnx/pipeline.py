@@ -12,13 +12,14 @@ anything.  :func:`optimize` is the whole run behind
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import layercheck, revert
+from . import endtoend, layercheck, revert
 from .calibration import accuracy_proxy, load_calibration, run_batches, sample_tensors
 from .context import context_feeds, context_shapes, with_observed
 from .errors import InputError, VerificationError, first_line
@@ -142,18 +143,46 @@ def calibrate(analysis: Analysis) -> None:
 
 
 def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
-         measurer: Measurer | None = None) -> Plan:
+         measurer: Measurer | None = None, max_error: float | None = None) -> Plan:
     """The selector's decisions (:func:`sconv_onnx.select.select`), with the settings the
-    analysis was made with."""
+    analysis was made with; a MAC budget's chosen, fitted and bounded end to end
+    (:mod:`sconv_onnx.endtoend`, ``max_error`` part of its bound)."""
     options = analysis.options
     settings = Settings(float(options.tol), options.select, options.target_macs,
                         options.alpha_fit if options.target_macs is not None else None)
-    return select(analysis.entries, settings, excluded, measurer, analysis.families)
+    if options.target_macs is None:
+        return select(analysis.entries, settings, excluded, measurer, analysis.families)
+
+    def decide(sensitivity, max_moves):
+        return select(analysis.entries, dataclasses.replace(
+            settings, sensitivity=sensitivity, max_moves=max_moves), excluded, measurer,
+            analysis.families)
+
+    owners = {id(candidate): entry for entry in analysis.entries for candidate in entry.candidates}
+    sequential = options.sequential_fit and options.alpha_fit == "data"
+    trial = endtoend.choose(decide, lambda chosen, refits: rewrite(analysis, chosen, refits),
+                            lambda candidate: owners[id(candidate)], analysis.view.model,
+                            analysis.batches, options.min_agreement, max_error, sequential,
+                            options.seed)
+    for layer in trial.plan.layers:
+        if layer.key in trial.held and not layer.rewritten:
+            layer.reason = f"budget: left alone: {trial.held[layer.key]}"
+    for layer in trial.plan.rewritten:
+        refit = trial.refits.get(id(layer.chosen))
+        if refit is None:
+            continue
+        trial.plan.refit_of[id(refit)] = layer.chosen
+        layer.reason = (f"budget: output error {refit.output_error:.3g} fitted on the compressed "
+                        f"model's inputs (one-shot: {layer.output_error:.3g}; weight-space: "
+                        f"{layer.output_error_weight_alpha:.3g})")
+        layer.chosen, layer.output_error = refit, refit.output_error
+    return trial.plan
 
 
-def rewrite(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None) -> onnx.ModelProto:
     """The model with every rewrite of ``plan`` emitted (on a copy of the graph view);
-    with none, the analysed model itself.
+    with none, the analysed model itself.  ``refits`` maps a chosen candidate's ``id``
+    to the candidate to emit in its place (a budget's sequential fit).
 
     Sites emit in the order found, each its chosen candidate (a group site once
     for all its layers).  Families insert nodes before their site's node; a
@@ -166,9 +195,10 @@ def rewrite(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     emitter = Emitter(analysis.view.graph)
     for entry in analysis.entries:
         candidate = chosen.get(entry.site.layers[0].key)
-        mine = candidate is not None and any(candidate is own for own in entry.candidates)
+        source = plan.refit_of.get(id(candidate), candidate)
+        mine = candidate is not None and any(source is own for own in entry.candidates)
         if mine and all(chosen.get(info.key) is candidate for info in entry.site.layers):
-            entry.family.emit(entry.site, candidate, emitter)
+            entry.family.emit(entry.site, (refits or {}).get(id(candidate), candidate), emitter)
     if not is_sorted(emitter.graph):
         emitter.graph.toposort()
     rewritten = gs.export_onnx(emitter.graph, do_type_check=False)
@@ -239,7 +269,7 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     measurer = Measurer(threads=options.threads) if options.select == "measured" else None
     excluded: dict[str, str] = {}
     while True:
-        decided = plan(analysis, excluded, measurer)
+        decided = plan(analysis, excluded, measurer, max_error)
         rewritten = rewrite(analysis, decided)
         if measurer is None or not decided.rewritten:
             break
@@ -262,6 +292,7 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
         max_error=max_error,
     )
     report.notes += budget_notes(options.target_macs, report.before.macs, report.after.macs)
+    unmet = _unmet_target(options, report)
     feeds = analysis.verification_feeds(options.seed) if verify else None
     shapes = analysis.shapes.shapes
     # The graph view holds its own copy of every weight a family read and is cyclic (nodes and
@@ -287,4 +318,18 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
                                                 run_batches(rewritten, batches))
         if report.status == FAIL:
             raise VerificationError(f"verification failed: {report.outcome()}", report)
+    if unmet:
+        raise VerificationError(unmet, report)
     return rewritten, report
+
+
+def _unmet_target(options: Options, report: Report) -> str | None:
+    """With ``strict_target``, why the MAC budget failed (None when met or not strict)."""
+    if not options.strict_target:
+        return None
+    before, after = report.before.macs, report.after.macs
+    if before and after is not None and after / before <= options.target_macs:
+        return None
+    reached = f"{after / before:.3f}" if before and after is not None else "an uncounted ratio"
+    return (f"MAC budget {options.target_macs:g} not met (strict target): the model would have "
+            f"{reached} of the original's MACs; see the report's notes for what stopped it")

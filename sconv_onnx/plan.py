@@ -238,6 +238,16 @@ class Plan:
     alpha_fit: str | None = None
     #: what the selection has to say about the whole plan (e.g. a budget out of reach)
     notes: list[str] = field(default_factory=list)
+    #: a budget's approximate candidates per layer key it could move (not reported)
+    budget_options: dict = field(default_factory=dict, repr=False)
+    #: how many moves the budget's greedy sequence had before any cut (not reported)
+    budget_moves: int = 0
+    #: a budget's refitted candidates: ``id(refit)`` -> the site's candidate it was
+    #: fitted from, so that the refit is emitted for that site (not reported)
+    refit_of: dict = field(default_factory=dict, repr=False)
+    #: a budget's fidelity on the calibration data, as checked against its bound
+    #: (:mod:`sconv_onnx.endtoend`); None without a budget
+    budget_check: dict | None = None
 
     @property
     def rewritten(self) -> list[LayerPlan]:
@@ -270,6 +280,7 @@ class Plan:
             "model_ratio": self.model_ratio,
             "target_macs": self.target_macs,
             "alpha_fit": self.alpha_fit,
+            "budget_check": self.budget_check,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": self.totals(),

@@ -104,8 +104,8 @@ def calibration_line(proxy: dict) -> str:
     if top1 is not None:
         agreement = f"top-1 agreement {100 * top1:.1f}% on {proxy['output']!r}, "
     elif position is not None:
-        agreement = (f"per-position arg-max agreement {100 * position:.2f}% "
-                     f"on {proxy['output']!r}, ")
+        agreement = (f"per-position arg-max agreement {100 * position:.2f}% (positions both "
+                     f"models leave in a background class left out) on {proxy['output']!r}, ")
     return (f"on the calibration data ({proxy['samples']} samples): {agreement}"
             f"relative output error {proxy['rel_error']:.3g}")
 

@@ -77,6 +77,11 @@ class Settings:
     select: SelectMode
     target_macs: float | None = None
     alpha_fit: str | None = None
+    #: per layer key, the weight of its output error at the model's output (the budget's
+    #: greedy step, :func:`sconv_onnx.budget.greedy`; None: every layer alike)
+    sensitivity: dict | None = None
+    #: take only the budget's first moves (None: all until the target holds)
+    max_moves: int | None = None
 
 
 @dataclass
@@ -345,11 +350,20 @@ def _apply_budget(plan: Plan, layers: dict[str, _Layer], settings: Settings,
     known = [layer.plan for layer in layers.values() if layer.plan.macs_before is not None]
     original = sum(layer.macs_before for layer in known)
     total = sum(layer.macs_after if layer.rewritten else layer.macs_before for layer in known)
-    chosen, total = budget.greedy(options, current, total, settings.target_macs * original)
+    moves = budget.greedy(options, current, total, settings.target_macs * original,
+                          settings.sensitivity)
+    plan.budget_options = {key: list(value) for key, value in options.items()}
+    plan.budget_moves = len(moves)
+    wanted = {layer for layer, _, _ in moves}
+    if settings.max_moves is not None:
+        moves = moves[:settings.max_moves]
+    chosen = {layer: candidate for layer, candidate, _ in moves}
+    total = moves[-1][2] if moves else total
     for key in options:
         layer = layers[key].plan
         if key not in chosen:
-            layer.reason += "; not needed for the MAC budget"
+            layer.reason += ("; not moved: the budget stopped at its bound" if key in wanted
+                             else "; not needed for the MAC budget")
             continue
         _fill(layer, chosen[key], taken)
         layer.decision, layer.decided_by, layer.measured_ratio = REWRITE, "budget", None
@@ -359,7 +373,8 @@ def _apply_budget(plan: Plan, layers: dict[str, _Layer], settings: Settings,
         for part_key in chosen[key].keys:
             taken.setdefault(part_key, key)
     reached = total / original if original else 1.0
-    if reached > settings.target_macs:
+    cut = settings.max_moves is not None and settings.max_moves < plan.budget_moves
+    if reached > settings.target_macs and not cut:  # a cut is the caller's to explain
         plan.notes.append(f"MAC budget {settings.target_macs:g} not reachable: every candidate "
                           f"taken, {reached:.3f} of the original layers' MACs")
     unknown = len(plan.layers) - len(known)

@@ -9,7 +9,7 @@ from sconv_onnx.models import resnet
 
 import sconv_onnx
 from sconv_onnx.budget import greedy
-from sconv_onnx.calibration import accuracy_proxy, run_batches, split_batches
+from sconv_onnx.calibration import accuracy_proxy, position_agreement, run_batches, split_batches
 from sconv_onnx.cli import main
 from sconv_onnx.cost import OpCost
 from sconv_onnx.errors import InputError
@@ -49,19 +49,35 @@ def test_greedy_takes_the_least_error_per_mac_saved_until_the_target():
         1: [_option(50, 0.3)],                     # 0.09 / 50 MACs
     }
     current = {0: (100, 0.0), 1: (100, 0.0)}
-    chosen, total = greedy(options, dict(current), 200, target=170)
-    assert set(chosen) == {0} and chosen[0].macs() == 60 and total == 160
+
+    def final(moves):
+        return {layer: option.macs() for layer, option, _ in moves}, moves[-1][2]
+
+    assert final(greedy(options, dict(current), 200, target=170)) == ({0: 60}, 160)
     # next: layer 1 (0.09 / 50 MACs) before layer 0's second step (0.24 / 40 MACs)
-    chosen, total = greedy(options, dict(current), 200, target=150)
-    assert {i: o.macs() for i, o in chosen.items()} == {0: 60, 1: 50} and total == 110
-    chosen, total = greedy(options, dict(current), 200, target=10)  # unreachable: everything
-    assert {i: o.macs() for i, o in chosen.items()} == {0: 20, 1: 50} and total == 70
+    assert final(greedy(options, dict(current), 200, target=150)) == ({0: 60, 1: 50}, 110)
+    # unreachable: everything, layer 0 moving twice
+    moves = greedy(options, dict(current), 200, target=10)
+    assert [(layer, option.macs()) for layer, option, _ in moves] == [(0, 60), (1, 50), (0, 20)]
+    assert final(moves) == ({0: 20, 1: 50}, 70)
+
+
+def test_greedy_weighs_each_layer_by_its_sensitivity():
+    """Layer 1's error reaches the output 10x more: layer 0's worse move goes first, and a
+    layer of infinite sensitivity (too small to measure) never moves."""
+    options = {0: [_option(50, 0.3)], 1: [_option(50, 0.1)], 2: [_option(0, 0.0)]}
+    current = {0: (100, 0.0), 1: (100, 0.0), 2: (100, 0.0)}
+    moves = greedy(options, current, 300, target=250, sensitivity={1: 10.0, 2: float("inf")})
+    assert [layer for layer, _, _ in moves] == [0]
+    moves = greedy(options, current, 300, target=0, sensitivity={1: 10.0, 2: float("inf")})
+    assert [layer for layer, _, _ in moves] == [0, 1]
 
 
 def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error():
     model = _plain_resnet18()
     calib = {"image": _images(4, 224)}
-    new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.5)
+    new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.5,
+                                      min_agreement=0)  # forced: no bound
     totals = report.plan.totals()
     assert totals["macs_after"] <= 0.5 * totals["macs_before"]
     assert report.after.macs <= 0.5 * report.before.macs  # the written model, counted afresh
@@ -86,7 +102,8 @@ def test_resnet18_with_plain_weights_meets_half_the_macs_and_reports_its_error()
 def test_data_aware_alphas_lower_the_models_error_at_the_same_budget():
     model = _plain_resnet18("small")
     calib = {"image": _images(16, 32)}
-    results = {fit: sconv_onnx.optimize(model, calib_data=calib, target_macs=0.5, alpha_fit=fit)
+    results = {fit: sconv_onnx.optimize(model, calib_data=calib, target_macs=0.5, alpha_fit=fit,
+                                      min_agreement=0)
                for fit in ("data", "weights")}
     held_out = split_batches(model, {"image": _images(16, 32, seed=1)})  # never seen by the fit
     reference = run_batches(model, held_out)
@@ -136,6 +153,22 @@ def test_accuracy_proxy_per_kind_of_output():
     assert proxy["rel_error"] == pytest.approx(1.0)
 
 
+def test_position_agreement_leaves_out_what_both_leave_in_the_background():
+    """CTC: most positions are blank (class 0) in both; a disagreement counts against the
+    positions where either model reads something."""
+    reference = np.zeros((2, 10), int)
+    reference[0, 2:5] = [3, 4, 5]
+    reference[1, 6] = 7
+    candidate = reference.copy()
+    candidate[0, 3] = 0  # a letter lost
+    candidate[1, 8] = 9  # a letter read from nothing
+    # 4 reference letters + 1 candidate letter counted; 3 of those 5 agree
+    assert position_agreement(reference, candidate) == pytest.approx(3 / 5)
+    # no class fills more than half the positions: every position counts
+    spread = np.arange(10).reshape(2, 5)
+    assert position_agreement(spread, spread[:, ::-1]) == pytest.approx(2 / 10)
+
+
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("budget")
@@ -148,7 +181,8 @@ def small_files(tmp_path_factory):
 def test_cli_budget_writes_the_model_and_both_errors_per_layer(small_files, capsys):
     out, report = small_files / "out.onnx", small_files / "report.json"
     code = main(["optimize", str(small_files / "r18.onnx"), str(out), "--calib-data",
-                 str(small_files / "calib.npz"), "--target-macs", "0.5", "--report", str(report)])
+                 str(small_files / "calib.npz"), "--target-macs", "0.5", "--min-agreement", "0",
+                 "--report", str(report)])
     assert code == 0 and out.exists()
     text = capsys.readouterr().out
     assert "out err" in text and "on the calibration data (4 samples): top-1 agreement" in text
@@ -173,6 +207,10 @@ def test_cli_analyze_with_calibration_data_shows_output_errors(small_files, caps
     (["--target-macs", "1.5", "--calib-data", "calib.npz"], "--target-macs must be a fraction"),
     (["--target-macs", "0.5", "--calib-data", "missing.npz"], "no such file"),
     (["--target-macs", "0.5", "--calib-data", "odd.npz"], "'image' has shape 3x3x16x32; the model wants N x 3x32x32"),
+    (["--target-macs", "0.5", "--calib-data", "calib.npz", "--min-agreement", "1.5"],
+     "--min-agreement must be a fraction in [0, 1]"),
+    (["--min-agreement", "0.9"], "bound a MAC budget: give --target-macs too"),
+    (["--strict-target"], "bound a MAC budget: give --target-macs too"),
 ])
 def test_cli_budget_bad_input_is_one_line_and_exit_2(small_files, capsys, argv, message):
     argv = [str(small_files / a) if a.endswith(".npz") else a for a in argv]

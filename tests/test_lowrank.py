@@ -65,7 +65,7 @@ def test_few_patches_do_not_make_a_perfect_fit_that_fails_on_other_inputs():
 
 def test_ranks_are_whole_blocks_below_break_even():
     offered = ranks(512, 256)  # break-even 170.7
-    assert offered == [128, 96, 48] and all(r % RANK_STEP == 0 for r in offered)
+    assert offered == [160, 128, 112, 96, 64, 48] and all(r % RANK_STEP == 0 for r in offered)
     assert ranks(4, 4) == []  # break-even 2: no whole block below it
 
 
@@ -73,13 +73,14 @@ def test_budget_takes_low_rank_layers_and_their_macs_match_the_written_model():
     rng = np.random.default_rng(2)
     model = _model(rng)
     calib = {"x": rng.standard_normal((16, 64, 8, 8)).astype(np.float32)}
-    new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.6)
+    # the conv at rank 16 alone leaves 0.48 of the MACs: 0.45 needs the Gemm too
+    new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.45)
     layers = {layer.node: layer for layer in report.plan.layers}
     assert all(layer.family == "lowrank" and layer.decided_by == "budget"
                for layer in layers.values())
-    assert {layer.chosen.label for layer in layers.values()} <= {"rank 16", "rank 32"}
+    assert {layer.chosen.label for layer in layers.values()} <= {"rank 16", "rank 32", "rank 48"}
     # the plan's MACs are the emitted nodes' MACs, counted afresh on the written model
-    assert report.plan.totals()["macs_after"] == report.after.macs < 0.6 * report.before.macs
+    assert report.plan.totals()["macs_after"] == report.after.macs < 0.45 * report.before.macs
     assert [node.op_type for node in new.graph.node].count("Conv") == 2
     assert all(check.status == "PASS" for check in report.layer_checks)
     assert report.max_rel_error < 1e-5  # rank 16 is the weights' own rank
@@ -96,5 +97,6 @@ def test_both_fits_reach_the_budget(fit):
     rng = np.random.default_rng(4)
     model = _model(rng)
     calib = {"x": rng.standard_normal((8, 64, 8, 8)).astype(np.float32)}
-    _, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.6, alpha_fit=fit)
+    _, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.6, alpha_fit=fit,
+                                    min_agreement=0)
     assert report.after.macs <= 0.6 * report.before.macs

@@ -25,7 +25,12 @@ Optional hooks (the defaults say "not supported"):
 * ``calibration(site, seed)`` and ``calibrate(site, candidates, sample, budget,
   alpha_fit)``: which activations to sample from the calibration data, and
   the candidates' output errors on them (plus approximate candidates for a
-  MAC budget).
+  MAC budget);
+* ``refit(site, candidate, inputs, originals)``: an approximate candidate
+  fitted again for the inputs its layer receives in a partly compressed
+  model (``inputs``, sampled as ``calibration`` asks) to match what the
+  original layer computed in the original model (``originals``: the same
+  positions sampled there) -- the budget's sequential fit.
 
 The selector (:mod:`sconv_onnx.select`) chooses among the candidates of
 every family for every layer; families never decide.  :func:`register`
@@ -154,6 +159,13 @@ class Family:
         """``candidates`` with their output errors on ``sample`` filled in, and with
         ``budget``, approximate candidates added (alphas fitted per ``alpha_fit``)."""
         return candidates
+
+    def refit(self, site: Site, candidate: Candidate, inputs: np.ndarray,
+              originals: np.ndarray) -> Candidate:
+        """``candidate`` (approximate, this family's) with its factors fitted to map
+        ``inputs`` to the original layer's outputs on ``originals``, and its output
+        error there; the same structure and cost.  Default: unchanged."""
+        return candidate
 
 
 # --- registry ----------------------------------------------------------------------------------

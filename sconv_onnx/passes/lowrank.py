@@ -45,7 +45,7 @@ from .graphs import drop_if_unused
 #: Ranks are multiples of this (the NCHWc block is 8 floats with AVX2, 16 with AVX-512).
 RANK_STEP = 16
 #: The ranks offered, as fractions of the break-even rank ``IN OUT / (IN + OUT)``.
-RANK_FRACTIONS = (0.75, 0.5, 0.25)
+RANK_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 
 
 @dataclass(frozen=True)
@@ -71,26 +71,59 @@ def ranks(in_features: int, out_features: int) -> list[int]:
     return sorted((r for r in offered if 0 < r < even), reverse=True)
 
 
-def factor(weight: np.ndarray, rank: int, patches: np.ndarray | None = None) -> Factors:
-    """The rank-``rank`` factors of ``weight`` (``OUT x IN``) of least output error on
-    ``patches`` (``m x IN``), or of least weight-space error without (module doc)."""
-    weight = np.asarray(weight, np.float64)
-    if patches is None:
-        u, s, vt = np.linalg.svd(weight, full_matrices=False)
-        return Factors(u[:, :rank] * s[:rank], vt[:rank])
+def metric_root(patches: np.ndarray) -> np.ndarray:
+    """``L`` (lower triangular, ``IN x IN``) with ``L L^T = P^T P / m + lambda mu I``: the
+    patches' second moment shrunk toward the identity (module doc)."""
     count, features = patches.shape
     moment = patches.T @ patches / count
     pull = datafit.SHRINK * features / count * max(float(np.mean(patches**2)), 1e-300)
-    lower = np.linalg.cholesky(moment + pull * np.eye(features))
-    u, s, vt = np.linalg.svd(weight @ lower, full_matrices=False)
-    down = np.linalg.solve(lower.T, vt[:rank].T).T  # V_r^T L^-1
-    return Factors(u[:, :rank] * s[:rank], down)
+    return np.linalg.cholesky(moment + pull * np.eye(features))
 
 
-def output_error(weight: np.ndarray, factors: Factors, patches: np.ndarray) -> float:
-    """``||(W - U V) P^T||_F / ||W P^T||_F``: the layer's relative output error, bias
-    excluded."""
-    reference = patches @ np.asarray(weight, np.float64).T
+def truncations(matrix: np.ndarray, wanted: list[int], lower: np.ndarray | None = None) -> list[Factors]:
+    """Per rank of ``wanted``, the factors of ``matrix`` (``OUT x IN``) of least error in
+    the metric ``L L^T`` (``lower``; the plain Frobenius norm without): the truncated
+    SVD of ``matrix L``, one decomposition for all ranks."""
+    matrix = np.asarray(matrix, np.float64)
+    u, s, vt = np.linalg.svd(matrix if lower is None else matrix @ lower, full_matrices=False)
+    if lower is not None:
+        vt = np.linalg.solve(lower.T, vt.T).T  # V^T L^-1
+    return [Factors(u[:, :rank] * s[:rank], vt[:rank]) for rank in wanted]
+
+
+def factor(weight: np.ndarray, rank: int, patches: np.ndarray | None = None) -> Factors:
+    """The rank-``rank`` factors of ``weight`` (``OUT x IN``) of least output error on
+    ``patches`` (``m x IN``), or of least weight-space error without (module doc)."""
+    return truncations(weight, [rank], None if patches is None else metric_root(patches))[0]
+
+
+def regression(weight: np.ndarray, inputs: np.ndarray, originals: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The sequential fit's full-rank map and metric: ``(B, L)``.
+
+    The layer receives ``X`` (``inputs``, ``m x IN``) where the original saw
+    ``X0`` (``originals``, the same positions), and should still give
+    ``Y = X0 W^T``.  Shrunk as the one-shot fit is, the least-squares map is
+    ``B^T = S^-1 (X^T Y / m + lambda mu W^T)`` with ``S = X^T X / m + lambda mu I
+    = L L^T``; the best rank-``r`` map is then the truncated SVD of ``B L``
+    (reduced-rank regression: the error splits into the full-rank fit's and
+    ``||(B - U V) L||_F^2``).  With ``X = X0``, ``B = W``: the one-shot fit.
+    """
+    weight = np.asarray(weight, np.float64)
+    lower = metric_root(inputs)
+    count, features = inputs.shape
+    pull = datafit.SHRINK * features / count * max(float(np.mean(inputs**2)), 1e-300)
+    rhs = inputs.T @ (originals @ weight.T) / count + pull * weight.T
+    mapped = np.linalg.solve(lower.T, np.linalg.solve(lower, rhs))  # S^-1 rhs: B^T
+    return mapped.T, lower
+
+
+def output_error(weight: np.ndarray, factors: Factors, patches: np.ndarray,
+                 originals: np.ndarray | None = None) -> float:
+    """``||X0 W^T - X V^T U^T||_F / ||X0 W^T||_F``: the layer's relative output error on
+    ``patches`` ``X`` against the original layer on ``originals`` ``X0`` (the same
+    patches without), bias excluded."""
+    reference = (patches if originals is None else originals) @ np.asarray(weight, np.float64).T
     approximate = (patches @ factors.down.T) @ factors.up.T
     scale = float(np.linalg.norm(reference))
     return float(np.linalg.norm(reference - approximate)) / scale if scale > 0 else 0.0
@@ -147,18 +180,31 @@ class LowRankFamily(Family):
         if not budget:
             return candidates
         weight, patches = _matrix(site), sample.reshape(-1, sample.shape[-1])
-        norm = float(np.linalg.norm(weight))
-        offered = []
-        for rank in ranks(weight.shape[1], weight.shape[0]):
-            plain = factor(weight, rank)
-            fitted = factor(weight, rank, patches) if alpha_fit == "data" else plain
-            residual = float(np.linalg.norm(weight - fitted.up @ fitted.down)) / max(norm, 1e-300)
-            offered.append(Candidate(
-                self.name, f"rank {rank}", residual, _parts(site, rank), payload=fitted,
-                rounding_depth=weight.shape[1] + rank, approximate=True,
-                output_error=output_error(weight, fitted, patches),
-                output_error_weight_alpha=output_error(weight, plain, patches)))
-        return candidates + offered
+        wanted = ranks(weight.shape[1], weight.shape[0])
+        plain = truncations(weight, wanted)
+        fitted = truncations(weight, wanted, metric_root(patches)) if alpha_fit == "data" else plain
+        return candidates + [
+            self._candidate(site, weight, fit, output_error(weight, fit, patches),
+                            output_error(weight, weight_fit, patches))
+            for fit, weight_fit in zip(fitted, plain)]
+
+    def refit(self, site: Site, candidate: Candidate, inputs: np.ndarray,
+              originals: np.ndarray) -> Candidate:
+        weight = _matrix(site)
+        inputs, originals = (a.reshape(-1, a.shape[-1]) for a in (inputs, originals))
+        mapped, lower = regression(weight, inputs, originals)
+        fit = truncations(mapped, [candidate.payload.rank], lower)[0]
+        return self._candidate(site, weight, fit, output_error(weight, fit, inputs, originals),
+                               candidate.output_error_weight_alpha)
+
+    def _candidate(self, site: Site, weight: np.ndarray, fit: Factors, error: float,
+                   weight_space_error: float) -> Candidate:
+        residual = float(np.linalg.norm(weight - fit.up @ fit.down)) / max(
+            float(np.linalg.norm(weight)), 1e-300)
+        return Candidate(self.name, f"rank {fit.rank}", residual, _parts(site, fit.rank),
+                         payload=fit, rounding_depth=weight.shape[1] + fit.rank,
+                         approximate=True, output_error=error,
+                         output_error_weight_alpha=weight_space_error)
 
     def emit(self, site: Site, candidate: Candidate, emitter: Emitter) -> None:
         factors: Factors = candidate.payload

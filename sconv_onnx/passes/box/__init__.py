@@ -66,5 +66,9 @@ class BoxFamily(Family):
                   budget: bool, alpha_fit: str) -> list[Candidate]:
         return calibrate.calibrate(site, candidates, sample, budget, alpha_fit, self.name)
 
+    def refit(self, site: Site, candidate: Candidate, inputs: np.ndarray,
+              originals: np.ndarray) -> Candidate:
+        return calibrate.refit(site, candidate, inputs, originals)
+
 
 __all__ = ["BoxFamily"]

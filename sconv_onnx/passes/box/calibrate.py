@@ -19,7 +19,7 @@ import numpy as np
 
 from ... import datafit
 from ...plan import Candidate
-from ...structure import Structure, fit_alpha, relative_residual
+from ...structure import Structure, expand, fit_alpha, relative_residual
 from ..base import CalibrationRequest
 from . import conv, linear
 
@@ -92,3 +92,15 @@ def calibrate(site, candidates: list[Candidate], patches: np.ndarray, budget: bo
             trial, payload=dataclasses.replace(trial.payload, alpha=alpha),
             output_error=error, output_error_weight_alpha=weight_error))
     return measured + sorted(approximate, key=lambda option: -option.macs())
+
+
+def refit(site, candidate: Candidate, inputs: np.ndarray, originals: np.ndarray) -> Candidate:
+    """``candidate``'s alpha fitted (data-aware, shrunk) to map the patches ``inputs`` to
+    the original layer's outputs on ``originals`` (the budget's sequential fit)."""
+    targets = datafit.original_outputs(site.weight, originals)
+    alpha, error = datafit.LayerSample(site.weight, inputs, targets).fit(candidate.payload.sizes)
+    weight = np.asarray(site.weight, np.float64)
+    residual = float(np.linalg.norm(weight - expand(alpha, weight.shape))) / max(
+        float(np.linalg.norm(weight)), 1e-300)  # the refit's own distance from W
+    return dataclasses.replace(candidate, payload=dataclasses.replace(candidate.payload, alpha=alpha),
+                               output_error=error, residual=residual)

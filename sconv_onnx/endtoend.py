@@ -10,8 +10,9 @@ steps, each measured in onnxruntime on the calibration data:
    model run on the first :data:`PROBE_SAMPLES` calibration samples.  With
    ``e`` the layer's own relative output error and ``D`` how far the model's
    scores moved -- the mean KL divergence of the answers' distributions when
-   the first output is a Softmax of logits (:func:`divergence`: only classes
-   that hold mass count), else the output's squared relative error, plus the
+   the first output is a Softmax of logits, or class scores ``(N, K)`` /
+   ``(N, T, K)`` themselves (:func:`divergence`: only classes that hold mass
+   count), else the output's squared relative error, plus the
    squared relative error of any other output -- the layer's sensitivity is
    ``k = D / e^2``.  The greedy step
    (:func:`sconv_onnx.budget.greedy`) then weighs each move's added
@@ -118,7 +119,9 @@ def agreement_of(proxy: dict) -> float | None:
 def score_tensor(model: onnx.ModelProto) -> tuple[str, int | None]:
     """The tensor the sensitivities compare and, when it holds logits, their class axis:
     the input of a Softmax (or LogSoftmax) that makes the first output, else the
-    first output itself (axis None)."""
+    first output itself (axis None here; :class:`Scorer` takes class scores of shape
+    ``(N, K)`` or ``(N, T, K)``, as :func:`~sconv_onnx.calibration.accuracy_proxy`
+    does, as logits along the last axis)."""
     first = model.graph.output[0].name
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for node in model.graph.node:
@@ -200,6 +203,9 @@ class Scorer:
             counted += len(next(iter(batches[self.probe].values())))
             self.probe += 1
         self.reference = self._run(original, batches)
+        scores = self.reference[self.score]
+        if self.axis is None and scores.ndim in (2, 3) and scores.shape[-1] > 1:
+            self.axis = -1  # class scores without a Softmax: compared as the logits they are
 
     def _run(self, model: onnx.ModelProto, batches: list[dict]) -> dict[str, np.ndarray]:
         sess = session_with_outputs(model, [self.score])

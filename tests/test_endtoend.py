@@ -164,14 +164,17 @@ def test_selection_follows_each_layers_effect_at_the_output():
     assert [layer.node for layer in report.plan.rewritten] == ["branch1"]
 
 
-def test_a_classifier_whose_classes_the_data_does_not_show_is_left_alone():
+@pytest.mark.parametrize("softmax", [True, False])
+def test_a_classifier_whose_classes_the_data_does_not_show_is_left_alone(softmax):
+    """Behind a Softmax, or giving raw logits (as most exported classifiers do)."""
     rng = np.random.default_rng(3)
-    model = _chain(rng, layers=1, classes=200, softmax=True)
+    model = _chain(rng, layers=1, classes=200, softmax=softmax)
     calib = {"x": rng.standard_normal((16, WIDTH)).astype(np.float32)}  # <= 16 of 200 answers
     _, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.5, min_agreement=0,
                                     families="lowrank")
     head = next(layer for layer in report.plan.layers if layer.node == "head")
     assert not head.rewritten and "200 classes" in head.reason
+    assert any(layer.rewritten for layer in report.plan.layers)  # the budget went elsewhere
 
 
 def test_scores_are_the_logits_before_a_softmax_and_compared_by_divergence():

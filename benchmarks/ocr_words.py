@@ -149,7 +149,8 @@ def held_out_set(count: int = 200, seed: int = 1, degraded: bool = True
         font = HELD_OUT_FONTS[int(rng.integers(len(HELD_OUT_FONTS)))]
         gray = _render(word, font, int(rng.integers(26, 46)), ink=int(rng.integers(0, 70)),
                        paper=int(rng.integers(190, 256)))
-        kind = ("strong_gauss", "blur", "specks")[index % 3] if degraded else "light"
+        kind = (("strong_gauss", "blur", "specks")[int(rng.integers(3))] if degraded
+                else "light")  # drawn apart from the word-or-code choice: not confounded
         images.append(_prepare(_degrade(gray, kind, rng)))
         words.append(word)
     return np.stack(images), words

@@ -103,7 +103,7 @@ def accuracy_proxy(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     size = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in reference.values())
     first = next(iter(reference))
     scores = np.asarray(reference[first])
-    classes = scores.ndim in (2, 3) and scores.shape[-1] > 1
+    classes = has_classes(scores)
     answers = scores.argmax(-1) if classes else None
     moved = np.asarray(candidate[first]).argmax(-1) if classes else None
     return {
@@ -114,6 +114,12 @@ def accuracy_proxy(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
         "position_agreement": (position_agreement(answers, moved) if scores.ndim == 3 and classes
                                else None),
     }
+
+
+def has_classes(scores: np.ndarray) -> bool:
+    """Whether an output reads as class scores: ``(N, K)`` or ``(N, T, K)`` with ``K > 1``
+    (classes last)."""
+    return scores.ndim in (2, 3) and scores.shape[-1] > 1
 
 
 def position_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -54,6 +54,12 @@ SHRINK = 1.0
 RIDGE = 1e-9
 
 
+def pull(positions: int, features: int, mean_square: float, shrink: float = SHRINK) -> float:
+    """``lambda mu`` of the module doc: the weight of the shrinkage toward weight space for
+    ``positions`` patches of ``features`` entries whose mean square is ``mean_square``."""
+    return shrink * features / positions * max(mean_square, 1e-300)
+
+
 def conv_patches(
     x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...],
     pads: tuple[int, ...], group: int,
@@ -194,12 +200,12 @@ class LayerSample:
         sizes = tuple(sizes)
         pooled = self._pooled(sizes)
         weight_alpha = fit_alpha(self.weight, sizes).reshape(self.group, -1, math.prod(sizes))
-        dim = math.prod(self.shape)
-        pull = shrink * dim / self.positions * self.mean_square
+        weight_pull = pull(self.positions, math.prod(self.shape), self.mean_square, shrink)
         basis = basis_gram(self.shape, sizes)
         transposed = pooled.transpose(0, 2, 1)
-        gram = transposed @ pooled / self.positions + pull * basis
-        rhs = transposed @ self.outputs / self.positions + pull * (basis @ weight_alpha.transpose(0, 2, 1))
+        gram = transposed @ pooled / self.positions + weight_pull * basis
+        rhs = transposed @ self.outputs / self.positions + weight_pull * (
+            basis @ weight_alpha.transpose(0, 2, 1))
         scale = np.trace(gram, axis1=1, axis2=2) / gram.shape[1]
         gram[:, np.arange(gram.shape[1]), np.arange(gram.shape[1])] += RIDGE * np.maximum(scale, 1e-300)[:, None]
         alpha = np.linalg.solve(gram, rhs).transpose(0, 2, 1)  # (g, O/g, d)

@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calibration import accuracy_proxy, sample_tensors
+from .calibration import accuracy_proxy, has_classes, sample_tensors
+from .datafit import MAX_POSITIONS
 from .runtime import session_with_outputs
 from .shapes import graph_inputs
 
@@ -203,8 +204,8 @@ class Scorer:
             counted += len(next(iter(batches[self.probe].values())))
             self.probe += 1
         self.reference = self._run(original, batches)
-        scores = self.reference[self.score]
-        if self.axis is None and scores.ndim in (2, 3) and scores.shape[-1] > 1:
+        self.classes = has_classes(self.reference[self.outputs[0]])
+        if self.axis is None and self.classes:
             self.axis = -1  # class scores without a Softmax: compared as the logits they are
 
     def _run(self, model: onnx.ModelProto, batches: list[dict]) -> dict[str, np.ndarray]:
@@ -280,8 +281,6 @@ def sensitivities(options: dict, layer_macs: dict[str, int], scorer: Scorer,
 
 def _sample_bytes(site) -> int:
     """A bound on what one layer's calibration sample holds (float64)."""
-    from .datafit import MAX_POSITIONS
-
     geometry = getattr(site, "geometry", None)
     group = getattr(geometry, "group", 1) or 1
     weight = site.weight
@@ -356,8 +355,7 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
     options = {key: value for key, value in first.budget_options.items() if key not in held}
     sensitivity = sensitivities(options, layer_macs, scorer, lambda plan: rewrite(plan, {}))
     sensitivity.update(dict.fromkeys(held, math.inf))
-    bound = Bound.of(min_agreement, max_error,
-                     agreement_of(accuracy_proxy(scorer.reference, scorer.reference)) is not None)
+    bound = Bound.of(min_agreement, max_error, scorer.classes)
     order = {out: index for index, node in enumerate(original.graph.node) for out in node.output}
 
     def one_shot(moves: int | None) -> Trial:

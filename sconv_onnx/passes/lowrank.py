@@ -76,8 +76,8 @@ def metric_root(patches: np.ndarray) -> np.ndarray:
     patches' second moment shrunk toward the identity (module doc)."""
     count, features = patches.shape
     moment = patches.T @ patches / count
-    pull = datafit.SHRINK * features / count * max(float(np.mean(patches**2)), 1e-300)
-    return np.linalg.cholesky(moment + pull * np.eye(features))
+    shrink = datafit.pull(count, features, float(np.mean(patches**2)))
+    return np.linalg.cholesky(moment + shrink * np.eye(features))
 
 
 def truncations(matrix: np.ndarray, wanted: list[int], lower: np.ndarray | None = None) -> list[Factors]:
@@ -112,8 +112,8 @@ def regression(weight: np.ndarray, inputs: np.ndarray, originals: np.ndarray
     weight = np.asarray(weight, np.float64)
     lower = metric_root(inputs)
     count, features = inputs.shape
-    pull = datafit.SHRINK * features / count * max(float(np.mean(inputs**2)), 1e-300)
-    rhs = inputs.T @ (originals @ weight.T) / count + pull * weight.T
+    shrink = datafit.pull(count, features, float(np.mean(inputs**2)))
+    rhs = inputs.T @ (originals @ weight.T) / count + shrink * weight.T
     mapped = np.linalg.solve(lower.T, np.linalg.solve(lower, rhs))  # S^-1 rhs: B^T
     return mapped.T, lower
 

@@ -88,6 +88,19 @@ def count_macs(model: onnx.ModelProto, image: np.ndarray) -> int:
     return total
 
 
+#: Kernels that do the multiply-adds (onnxruntime's fused names included).
+MAC_KERNELS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def mac_kernel_share(profile: dict[str, list[float]], index: int) -> float:
+    """The share of model ``index``'s kernel time spent in MAC kernels, from a
+    :func:`~sconv_onnx.bench.bench` profile (per op type, medians over runs).  A
+    share within one profile, not a time: the models are profiled one after the
+    other, and a slow spell of the machine scales every op of one profile alike."""
+    mac = sum(times[index] for op, times in profile.items() if op in MAC_KERNELS)
+    return mac / sum(times[index] for times in profile.values())
+
+
 def read_accuracy(model: onnx.ModelProto, images: np.ndarray, words: list[str],
                   classes: list[str]) -> tuple[float, float]:
     sess = _session(model)
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     base = {kind: read_accuracy(original, images, words, classes)
             for kind, (images, words) in held.items()}
     print(f"original: {base_macs} MACs, {base}", flush=True)
+    base_shares: list[float] = []  # the original's MAC-kernel share, profiled beside each model
     rows, points = [], {"sconv-onnx": [], "sconv-onnx, bounded": [], "anchor": []}
 
     def measure(method: str, setting: str, model: onnx.ModelProto, extra: str, seconds: float):
@@ -192,12 +206,18 @@ def main(argv: list[str] | None = None) -> None:
             lost[kind] = (base[kind][0] - word, base[kind][1] - char)
         ratio = count_macs(model, calib[0]) / base_macs
         timing = bench([original, model], {"x": calib[:1]}, names=["original", method],
-                       threads=args.threads, runs=args.runs, warmup=5)
+                       threads=args.threads, runs=args.runs, warmup=5, profile=True)
         latency = timing.ratios[1]
+        base_shares.append(mac_kernel_share(timing.profile, 0))
+        floor = latency_floor(base_shares[-1], ratio)
+        # MAC-kernel time against the original's: the side-by-side latency ratio split by
+        # the two profiles' shares
+        mac_time = latency * mac_kernel_share(timing.profile, 1) / base_shares[-1]
         points[method].append((ratio, lost, latency))
         rows.append([method, setting, f"{ratio:.3f}",
                      *(f"{lost[kind][0]:.1f} / {lost[kind][1]:.2f}" for kind in held),
-                     f"{latency:.3f}", f"{latency / ratio:.2f}", extra, f"{seconds:.0f}"])
+                     f"{latency:.3f}", f"{latency / ratio:.2f}", f"{floor / ratio:.2f}",
+                     f"{mac_time:.3f}", extra, f"{seconds:.0f}"])
         print(" | ".join(rows[-1]), flush=True)
 
     for fraction in args.anchor_fractions:
@@ -213,7 +233,14 @@ def main(argv: list[str] | None = None) -> None:
         setting = f"--target-macs {target}" + (f" --min-agreement {agreement}" if agreement else "")
         method = "sconv-onnx" if agreement == "0" else "sconv-onnx, bounded"
         measure(method, setting, model, _what_was_done(report), time.perf_counter() - started)
-    _write(args, argv, rows, points, base_macs, base)
+    _write(args, argv, rows, points, base_macs, base, float(np.median(base_shares)))
+
+
+def latency_floor(mac_share: float, ratio: float) -> float:
+    """The latency ratio if the MAC kernels' time fell exactly with the MACs (to
+    ``ratio``) and every other kernel's stayed: ``f + (1 - f) ratio``, ``f`` the
+    original's share of kernel time outside the MAC kernels (``1 - mac_share``)."""
+    return 1 - mac_share + mac_share * ratio
 
 
 def _what_was_done(report) -> str:
@@ -224,6 +251,9 @@ def _what_was_done(report) -> str:
         counts[layer.family] = counts.get(layer.family, 0) + 1
     agreement = check.get("calibration", {}).get("position_agreement")
     text = ", ".join(f"{count} {family}" for family, count in sorted(counts.items()))
+    errors = [layer.chosen.output_error for layer in report.plan.rewritten
+              if layer.chosen.output_error is not None]
+    text += f" (median layer output error {np.median(errors):.3f})" if errors else ""
     text += f"; agreement {agreement:.4f}" if agreement is not None else ""
     if check.get("sequential_fit"):
         text += ", sequential fit"
@@ -232,10 +262,11 @@ def _what_was_done(report) -> str:
     return text
 
 
-def _write(args, argv, rows, points, base_macs, base) -> None:
+def _write(args, argv, rows, points, base_macs, base, mac_share: float) -> None:
     header = ["method", "setting", "MACs reached", "clean: words / chars lost (pt)",
               "degraded: words / chars lost (pt)", "latency ratio", "latency / MACs",
-              "layers moved; calibration agreement", "optimize s"]
+              "floor / MACs", "MAC-kernel time ratio", "layers moved; calibration agreement",
+              "optimize s"]
     lines = ["| " + " | ".join(row) + " |" for row in [header] + rows]
     lines.insert(1, "|" + "---|" * len(header))
     plot = args.out.with_name("budget_ocr.svg")
@@ -252,10 +283,56 @@ def _write(args, argv, rows, points, base_macs, base) -> None:
          f"random codes, other fonts; `benchmarks/ocr_words.py`). The original reads {accuracy}, "
          f"at {base_macs / 1e9:.3f} GMACs per 48x320 line (counted here from onnxruntime's shapes, "
          f"as are the MACs reached). Losses are in points against the original."), "",
+        (f"Latency: the original spends {100 * mac_share:.0f} % of its kernel time in "
+         f"Conv/MatMul/Gemm kernels (onnxruntime's profiler, {args.threads} threads, the median "
+         f"over the rows); the rest (GELU, Softmax, layout reorders, adds, norms) does not "
+         f"shrink with the MACs. *floor / MACs* is the latency ratio over the MAC ratio if the "
+         f"MAC kernels' time fell exactly with the MACs; *MAC-kernel time ratio* is the time "
+         f"those kernels really take against the original's (the side-by-side latency ratio "
+         f"split by each profile's MAC-kernel share)."), "",
         *lines, "", f"![accuracy lost against MACs reached]({plot.name})", "",
+        *_gap(points, mac_share), "",
     ])
     args.out.write_text(text)
     print(text)
+
+
+def _gap(points: dict, mac_share: float) -> list[str]:
+    """Why issue 12's targets are out of reach here, from the rows measured above."""
+    anchor = sorted(points["anchor"], key=lambda point: point[0])
+    lines = ["## Against the targets", "",
+             ("Issue 12 asked, on held-out words: at `--target-macs 0.6` at most 1 point of "
+              "characters and 5 of words lost, at 0.75 at most 0.2 and 2, better than the anchor "
+              "at every ratio, and latency within 1.15x of the MAC ratio. Measured here (clean "
+              "set):"), ""]
+    for ratio, lost, latency in sorted(points["sconv-onnx"], key=lambda point: -point[0]):
+        words, chars = lost["clean"]
+        beside = ""
+        if anchor and anchor[0][0] <= ratio <= anchor[-1][0]:
+            anchor_chars = float(np.interp(ratio, [p[0] for p in anchor],
+                                           [p[1]["clean"][1] for p in anchor]))
+            beside = (f"; the anchor, interpolated to the same MACs, loses {anchor_chars:.1f} "
+                      "points of characters")
+        lines.append(f"- {ratio:.3f} of the MACs: {chars:.2f} points of characters and "
+                     f"{words:.1f} of words lost{beside}; latency {latency / ratio:.2f}x the MAC "
+                     f"ratio, of which {latency_floor(mac_share, ratio) / ratio:.2f}x is the floor "
+                     f"left by the kernels that do not shrink")
+    # below this MAC ratio, even MAC kernels that sped up exactly with their MACs would
+    # leave the latency above 1.15x the MAC ratio: (1 - m) / r + m = 1.15
+    reachable = (1 - mac_share) / (1.15 - mac_share)
+    lines += ["", (
+        "The accuracy targets are out of reach without fine-tuning on this data: the layers "
+        "moved lose a large share of their output each (the *median layer output error* "
+        "above: these pretrained 1x1 convs and MatMuls are not low rank, and no box structure "
+        "fits them either), and the errors add up over the many layers a ratio of 0.75-0.5 "
+        "needs; the hand-made anchor, whose per-layer fits are the same SVDs without "
+        "selection or sequential fitting, loses more at the same MACs. The latency target is "
+        f"out of reach below {reachable:.2f} of the MACs: {100 * (1 - mac_share):.0f} % of "
+        "the original's kernel time is GELU, Softmax, layout reorders, adds and norms, which "
+        "no MAC budget shrinks, so even MAC kernels that sped up exactly with their MACs "
+        "would leave the latency above 1.15x the MAC ratio there (*floor / MACs*); the thin "
+        "convs add the rest (*MAC-kernel time ratio* above the MAC ratio).")]
+    return lines
 
 
 def _plot(points: dict, path: Path) -> None:

@@ -8,7 +8,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sconv_onnx
-from sconv_onnx.passes.lowrank import RANK_STEP, factor, output_error, ranks
+from sconv_onnx.passes.lowrank import (
+    RANK_STEP,
+    SpatialFactors,
+    factor,
+    fit_horizontal,
+    output_error,
+    ranks,
+    spatial_truncations,
+)
 
 
 def _low_rank(rng, rows: int, cols: int, rank: int, noise: float = 0.0) -> np.ndarray:
@@ -102,3 +110,76 @@ def test_both_fits_reach_the_budget(fit):
     _, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=0.6, alpha_fit=fit,
                                     min_agreement=0)
     assert report.after.macs <= 0.6 * report.before.macs
+
+
+def _kxk_model(rng, weight: np.ndarray, **attrs) -> onnx.ModelProto:
+    """One 2-D conv with ``weight`` and a bias on a ``N x C x 17 x 19`` input, then a Relu."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="k", **attrs),
+             helper.make_node("Relu", ["c"], ["y"])]
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(len(weight)).astype(np.float32), "b")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weight.shape[1], 17, 19])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", len(weight), "h", "w"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_spatial_factors_are_exact_at_full_rank_and_the_data_fit_keeps_them():
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((20, 12, 3, 5))
+    patches = rng.standard_normal((300, 12 * 15))
+    full = spatial_truncations(weight, [min(20 * 5, 12 * 3)])[0]
+    assert np.allclose(full.expand(weight.shape), weight, atol=1e-9)
+    assert output_error(weight, full, patches) < 1e-9
+    assert output_error(weight, fit_horizontal(weight, full, patches, patches), patches) < 1e-9
+
+
+def test_spatial_data_fit_loses_less_output_than_the_weight_space_one():
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((32, 16, 3, 3))
+    scales = np.repeat(np.geomspace(10, 0.01, 16), 9)  # channels of very different energy
+    patches = rng.standard_normal((3000, 16 * 9)) * scales
+    plain = spatial_truncations(weight, [8])[0]
+    fitted = fit_horizontal(weight, plain, patches, patches)
+    assert output_error(weight, fitted, patches) < 0.8 * output_error(weight, plain, patches)
+
+
+def _split_by_the_budget(rng, weight: np.ndarray, target: float, **attrs):
+    """``weight``'s conv forced to ``target`` by the lowrank family: its layer, the two
+    convs' weight shapes, and the report (the MACs and errors checked here)."""
+    model = _kxk_model(rng, weight, **attrs)
+    calib = {"x": rng.standard_normal((8, weight.shape[1], 17, 19)).astype(np.float32)}
+    new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=target, max_error=10,
+                                      families=["lowrank"])
+    [layer] = report.plan.layers
+    shapes = {init.name: tuple(init.dims) for init in new.graph.initializer}
+    first, second = (node for node in new.graph.node if node.op_type == "Conv")
+    assert report.plan.totals()["macs_after"] == report.after.macs < target * report.before.macs
+    assert report.max_rel_error < 1e-5
+    assert all(check.status == "PASS" for check in report.layer_checks)
+    return layer, shapes[first.input[1]], shapes[second.input[1]]
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 3], "pads": [0, 2, 1, 0], "dilations": [1, 2]},
+    {"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 1]},
+    {"strides": [3, 1], "auto_pad": "SAME_LOWER"},
+])
+def test_a_spatially_low_rank_kxk_conv_becomes_two_convs_with_its_geometry_split(attrs):
+    """Exact weights of spatial rank 16: the budget takes the spatial split (the channel
+    split would lose), the written model is exact, its MACs are the plan's."""
+    rng = np.random.default_rng(8)
+    weight = SpatialFactors(rng.standard_normal((16, 48, 3)),
+                            rng.standard_normal((64, 16, 3)) / 30).expand((64, 48, 3, 3))
+    layer, first, second = _split_by_the_budget(rng, weight, 0.7, **attrs)
+    assert layer.chosen.label.startswith("spatial rank")
+    assert (first[2:], second[2:]) == ((3, 1), (1, 3))
+
+
+def test_a_kxk_conv_of_low_channel_rank_splits_into_a_kxk_and_a_1x1_conv():
+    rng = np.random.default_rng(9)
+    weight = _low_rank(rng, 64, 48 * 9, 16).reshape(64, 48, 3, 3)
+    layer, first, second = _split_by_the_budget(rng, weight, 0.4, strides=[2, 2], pads=[1, 1, 1, 1])
+    assert layer.chosen.label.startswith("rank")
+    assert first[1:] == (48, 3, 3) and second[2:] == (1, 1)

@@ -1,13 +1,22 @@
-"""The low-rank family: a weight ``W`` (``OUT x IN``) as the product of two thin ones.
+"""The low-rank family: a weight as the product of two thin ones.
 
-``W ~ U V`` with ``U`` (``OUT x r``) and ``V`` (``r x IN``): a fully connected
-layer ``x W^T`` becomes ``(x V^T) U^T``, two MatMuls, and a 1x1 convolution two
-1x1 convolutions, with ``r (IN + OUT)`` multiply-adds per position instead of
-``IN OUT``.  It pays below the break-even rank ``IN OUT / (IN + OUT)``.
+*Channel split.* ``W`` as ``OUT x IN`` (``IN = C prod(K)`` for a conv)
+is ``W ~ U V`` with ``U`` (``OUT x r``) and ``V`` (``r x IN``): a fully
+connected layer ``x W^T`` becomes ``(x V^T) U^T``, two MatMuls, and a conv a
+conv with the original kernel to ``r`` channels then a 1x1 conv, with
+``r (IN + OUT)`` multiply-adds per output position instead of ``IN OUT``.
+It pays below the break-even rank ``IN OUT / (IN + OUT)``.
+
+*Spatial split* (2-D kernels ``kh x kw``, both above 1): a ``kh x 1`` conv to
+``r`` channels then a ``1 x kw`` conv, ``W[o, c, i, j] ~ sum_r H[o, r, j]
+V[r, c, i]`` (:class:`SpatialFactors`): the truncated SVD of ``W`` arranged as
+``(OUT kw) x (C kh)``, the second factor then fitted on the data
+(:func:`fit_horizontal`).  It pays below ``OUT C kh kw / (C kh w + OUT kw)``,
+``w`` the first conv's positions per output position.
 
 Pretrained weights are rarely low rank, so today the family offers
 *approximate* candidates to a MAC budget only (issue 12), never exact ones: a
-structured weight stays the box family's.  The factors are fitted on the
+structured weight stays the box family's.  The channel split is fitted on the
 layer's calibration inputs (``alpha_fit="data"``): with the input patches
 ``P`` (``m x IN``) and their second moment ``S = P^T P / m``, the output
 error ``||(W - U V) P^T||_F`` is ``sqrt(m) ||(W - U V) L||_F`` for ``L L^T = S``,
@@ -23,9 +32,9 @@ Ranks are :data:`RANK_FRACTIONS` of the break-even rank rounded up to a
 multiple of :data:`RANK_STEP` (whole NCHWc blocks of 8 or 16 floats on every
 x86 machine seen), those still below it.
 
-Sites: ``MatMul`` ``x @ W``, ``Gemm`` without ``transA``, and ``Conv`` with a
-1x1 kernel, one group and no BatchNormalization to fold; the readers are the
-box family's (:mod:`.box.conv`, :mod:`.box.linear`).
+Sites: ``MatMul`` ``x @ W``, ``Gemm`` without ``transA``, and ``Conv`` of
+one group (1-D, 2-D or 3-D) with no BatchNormalization to fold; the readers
+are the box family's (:mod:`.box.conv`, :mod:`.box.linear`).
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ RANK_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 
 @dataclass(frozen=True)
 class Factors:
-    """``W ~ up @ down``: ``up`` (``OUT x r``) and ``down`` (``r x IN``)."""
+    """``W ~ up @ down`` for ``W`` as ``OUT x IN`` (``IN = C prod(K)`` for a conv):
+    ``up`` (``OUT x r``) and ``down`` (``r x IN``).  A conv becomes a conv with the
+    original kernel to ``r`` channels, then a 1x1 conv (*channel* split)."""
 
     up: np.ndarray
     down: np.ndarray
@@ -60,7 +71,45 @@ class Factors:
         return self.down.shape[0]
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank}
+        return {"rank": self.rank, "split": "channel"}
+
+    def outputs(self, patches: np.ndarray) -> np.ndarray:
+        """The two layers on ``patches`` (``m x IN``): ``m x OUT``, bias excluded."""
+        return (patches @ self.down.T) @ self.up.T
+
+    def expand(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The weight the two layers compute together, in the original ``shape``."""
+        return (self.up @ self.down).reshape(shape)
+
+
+@dataclass(frozen=True)
+class SpatialFactors:
+    """A 2-D ``kh x kw`` conv as a ``kh x 1`` conv to ``r`` channels, then a ``1 x kw``
+    conv: ``W[o, c, i, j] ~ sum_r horizontal[o, r, j] vertical[r, c, i]``.
+
+    ``vertical`` is ``r x C x kh``, ``horizontal`` ``OUT x r x kw``.  Per output
+    position the pair costs ``r C kh w + OUT r kw`` multiply-adds (``w`` the
+    first conv's positions per output position: the input's width over the
+    output's) instead of ``OUT C kh kw``.
+    """
+
+    vertical: np.ndarray
+    horizontal: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.vertical.shape[0]
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "split": "spatial"}
+
+    def outputs(self, patches: np.ndarray) -> np.ndarray:
+        """The two convs on ``patches`` (``m x C kh kw``, the conv's layout): ``m x OUT``."""
+        return spatial_features(patches, self.vertical) @ self.horizontal.reshape(
+            self.horizontal.shape[0], -1).T
+
+    def expand(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.einsum("orj,rci->ocij", self.horizontal, self.vertical).reshape(shape)
 
 
 def ranks(in_features: int, out_features: int) -> list[int]:
@@ -118,15 +167,58 @@ def regression(weight: np.ndarray, inputs: np.ndarray, originals: np.ndarray
     return mapped.T, lower
 
 
-def output_error(weight: np.ndarray, factors: Factors, patches: np.ndarray,
+def spatial_features(patches: np.ndarray, vertical: np.ndarray) -> np.ndarray:
+    """The first (``kh x 1``) conv's outputs that the second reads at each patch:
+    ``Z[m, r, j] = sum_{c, i} vertical[r, c, i] X[m, c, i, j]``, as ``m x r kw``."""
+    channels, height = vertical.shape[1:]
+    grid = patches.reshape(len(patches), channels, height, -1)
+    return np.einsum("mcij,rci->mrj", grid, vertical, optimize=True).reshape(len(patches), -1)
+
+
+def spatial_truncations(weight: np.ndarray, wanted: list[int]) -> list[SpatialFactors]:
+    """Per rank of ``wanted``, the spatial factors of least weight-space error: the
+    truncated SVD of ``W`` arranged as ``(OUT kw) x (C kh)`` (Jaderberg et al.'s scheme
+    2), one decomposition for all ranks."""
+    out_ch, in_ch, height, width = weight.shape
+    matrix = np.asarray(weight, np.float64).transpose(0, 3, 1, 2).reshape(out_ch * width, -1)
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    return [SpatialFactors(vt[:rank].reshape(rank, in_ch, height),
+                           (u[:, :rank] * s[:rank]).reshape(out_ch, width, rank).transpose(0, 2, 1))
+            for rank in wanted]
+
+
+def fit_horizontal(weight: np.ndarray, factors: SpatialFactors, inputs: np.ndarray,
+                   originals: np.ndarray) -> SpatialFactors:
+    """``factors`` with the second conv fitted on the data, the first kept.
+
+    With ``Z`` the first conv's outputs on ``inputs`` (:func:`spatial_features`,
+    ``m x r kw``) and ``Y = X0 W^T`` the original layer's on ``originals``, the
+    horizontal factor ``H`` (``OUT x r kw``) solves the shrunk least squares
+    ``H^T = (Z^T Z / m + lambda mu I)^-1 (Z^T Y / m + lambda mu H_0^T)``, pulled
+    toward the weight-space ``H_0`` as far as there are few patches
+    (:func:`~sconv_onnx.datafit.pull`).  Fitting the first factor too would
+    solve for ``r C kh`` unknowns at once; it stays the weight-space one.
+    """
+    features = spatial_features(inputs, factors.vertical)
+    count, width = features.shape
+    targets = originals @ np.asarray(weight, np.float64).reshape(len(weight), -1).T
+    start = factors.horizontal.reshape(len(weight), -1)
+    shrink = datafit.pull(count, width, float(np.mean(features**2)))
+    gram = features.T @ features / count + shrink * np.eye(width)
+    fitted = np.linalg.solve(gram, features.T @ targets / count + shrink * start.T).T
+    return SpatialFactors(factors.vertical, fitted.reshape(factors.horizontal.shape))
+
+
+def output_error(weight: np.ndarray, factors: Factors | SpatialFactors, patches: np.ndarray,
                  originals: np.ndarray | None = None) -> float:
-    """``||X0 W^T - X V^T U^T||_F / ||X0 W^T||_F``: the layer's relative output error on
+    """``||X0 W^T - f(X)||_F / ||X0 W^T||_F``: the layer's relative output error on
     ``patches`` ``X`` against the original layer on ``originals`` ``X0`` (the same
-    patches without), bias excluded."""
-    reference = (patches if originals is None else originals) @ np.asarray(weight, np.float64).T
-    approximate = (patches @ factors.down.T) @ factors.up.T
+    patches without), bias excluded; ``W`` as ``OUT x IN``."""
+    weight = np.asarray(weight, np.float64).reshape(len(weight), -1)
+    reference = (patches if originals is None else originals) @ weight.T
     scale = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(reference - approximate)) / scale if scale > 0 else 0.0
+    error = float(np.linalg.norm(reference - factors.outputs(patches)))
+    return error / scale if scale > 0 else 0.0
 
 
 def _applies(site: Site) -> bool:
@@ -135,8 +227,13 @@ def _applies(site: Site) -> bool:
         return False
     if isinstance(site, linear.LinearSite):
         return site.feature_axis == -1
-    return (isinstance(site, conv.ConvSite) and site.batchnorm is None
-            and site.geometry.group == 1 and all(k == 1 for k in site.geometry.kernel))
+    return isinstance(site, conv.ConvSite) and site.batchnorm is None and site.geometry.group == 1
+
+
+def _spatial_applies(site: Site) -> bool:
+    """A 2-D conv whose kernel is wider and taller than 1."""
+    return isinstance(site, conv.ConvSite) and len(site.geometry.kernel) == 2 and min(
+        site.geometry.kernel) > 1
 
 
 def _matrix(site: Site) -> np.ndarray:
@@ -144,25 +241,54 @@ def _matrix(site: Site) -> np.ndarray:
     return site.weight.reshape(site.weight.shape[0], -1)
 
 
-def _parts(site: Site, rank: int) -> tuple[Part, ...]:
+def _first_conv_positions(geom) -> float:
+    """Positions of a spatial split's first (``kh x 1``) conv per output position: the
+    input's width over the output's (its rows are the output's, its columns the input's)."""
+    if geom.in_spatial is None or geom.out_spatial is None:
+        return float(geom.strides[1])
+    return geom.in_spatial[1] / max(1, geom.out_spatial[1])
+
+
+def spatial_ranks(site: Site) -> list[int]:
+    """The spatial split's ranks: :data:`RANK_FRACTIONS` of its break-even rank
+    ``OUT C kh kw / (C kh w + OUT kw)``, whole blocks, at most the full rank."""
+    out_ch, in_ch, height, width = site.weight.shape
+    positions = _first_conv_positions(site.geometry)
+    even = out_ch * in_ch * height * width / (in_ch * height * positions + out_ch * width)
+    full = min(out_ch * width, in_ch * height)
+    offered = {RANK_STEP * math.ceil(even * fraction / RANK_STEP) for fraction in RANK_FRACTIONS}
+    return sorted((r for r in offered if 0 < r < even and r <= full), reverse=True)
+
+
+def _parts(site: Site, factors: Factors | SpatialFactors) -> tuple[Part, ...]:
     """The two thin layers' constants and operators (bias on the second)."""
-    out_features, in_features = _matrix(site).shape
-    geom = site.geometry
+    rank, geom = factors.rank, site.geometry
+    out_features = site.weight.shape[0]
     if isinstance(site, linear.LinearSite):
+        in_features = _matrix(site).shape[1]
         down_op = cost.linear_op(cost.LinearGeometry(geom.rows, in_features, rank), in_features)
         up_op = cost.linear_op(cost.LinearGeometry(geom.rows, rank, out_features), rank)
+        down_params, up_params = rank * in_features, out_features * rank
+    elif isinstance(factors, SpatialFactors):
+        channels, height, width = site.weight.shape[1:]
+        between = _first_conv_positions(geom)
+        down_op = cost.conv_op(rank, channels, channels, (height, 1), geom.input_positions, between)
+        up_op = cost.conv_op(out_features, rank, rank, (1, width), between)
+        down_params, up_params = rank * channels * height, out_features * rank * width
     else:
-        down_op = cost.conv_op(rank, in_features, in_features, geom.kernel, geom.input_positions)
-        up_op = cost.conv_op(out_features, rank, rank, geom.kernel, 1.0)
-    return (Part("down", rank * in_features, (down_op,), geom.positions),
-            Part("up", out_features * rank + site.bias_size, (up_op,), geom.positions))
+        channels, kernel = site.weight.shape[1], geom.kernel
+        down_op = cost.conv_op(rank, channels, channels, kernel, geom.input_positions)
+        up_op = cost.conv_op(out_features, rank, rank, (1,) * len(kernel), 1.0)
+        down_params, up_params = rank * channels * math.prod(kernel), out_features * rank
+    return (Part("down", down_params, (down_op,), geom.positions),
+            Part("up", up_params + site.bias_size, (up_op,), geom.positions))
 
 
 class LowRankFamily(Family):
     """Two thin layers for a MAC budget (see the module doc)."""
 
     name = "lowrank"
-    description = ("low-rank factorization: a fully connected or 1x1 conv weight as two thin "
+    description = ("low-rank factorization: a fully connected or conv weight as two thin "
                    "layers (MAC budget only, fitted on the calibration data)")
 
     def find(self, view) -> list[Site]:
@@ -183,8 +309,13 @@ class LowRankFamily(Family):
         wanted = ranks(weight.shape[1], weight.shape[0])
         plain = truncations(weight, wanted)
         fitted = truncations(weight, wanted, metric_root(patches)) if alpha_fit == "data" else plain
+        if _spatial_applies(site):
+            spatial = spatial_truncations(site.weight, spatial_ranks(site))
+            plain = plain + spatial
+            fitted = fitted + ([fit_horizontal(site.weight, fit, patches, patches) for fit in spatial]
+                               if alpha_fit == "data" else spatial)
         return candidates + [
-            self._candidate(site, weight, fit, output_error(weight, fit, patches),
+            self._candidate(site, fit, output_error(weight, fit, patches),
                             output_error(weight, weight_fit, patches))
             for fit, weight_fit in zip(fitted, plain)]
 
@@ -192,38 +323,65 @@ class LowRankFamily(Family):
               originals: np.ndarray) -> Candidate:
         weight = _matrix(site)
         inputs, originals = (a.reshape(-1, a.shape[-1]) for a in (inputs, originals))
-        mapped, lower = regression(weight, inputs, originals)
-        fit = truncations(mapped, [candidate.payload.rank], lower)[0]
-        return self._candidate(site, weight, fit, output_error(weight, fit, inputs, originals),
+        if isinstance(candidate.payload, SpatialFactors):
+            fit = fit_horizontal(site.weight, candidate.payload, inputs, originals)
+        else:
+            mapped, lower = regression(weight, inputs, originals)
+            fit = truncations(mapped, [candidate.payload.rank], lower)[0]
+        return self._candidate(site, fit, output_error(weight, fit, inputs, originals),
                                candidate.output_error_weight_alpha)
 
-    def _candidate(self, site: Site, weight: np.ndarray, fit: Factors, error: float,
+    def _candidate(self, site: Site, fit: Factors | SpatialFactors, error: float,
                    weight_space_error: float) -> Candidate:
-        residual = float(np.linalg.norm(weight - fit.up @ fit.down)) / max(
+        weight = np.asarray(site.weight, np.float64)
+        residual = float(np.linalg.norm(weight - fit.expand(weight.shape))) / max(
             float(np.linalg.norm(weight)), 1e-300)
-        return Candidate(self.name, f"rank {fit.rank}", residual, _parts(site, fit.rank),
-                         payload=fit, rounding_depth=weight.shape[1] + fit.rank,
-                         approximate=True, output_error=error,
+        spatial = isinstance(fit, SpatialFactors)
+        label = f"spatial rank {fit.rank}" if spatial else f"rank {fit.rank}"
+        depth = (weight.shape[1] * weight.shape[2] + fit.rank * weight.shape[3] if spatial
+                 else _matrix(site).shape[1] + fit.rank)
+        return Candidate(self.name, label, residual, _parts(site, fit), payload=fit,
+                         rounding_depth=depth, approximate=True, output_error=error,
                          output_error_weight_alpha=weight_space_error)
 
     def emit(self, site: Site, candidate: Candidate, emitter: Emitter) -> None:
-        factors: Factors = candidate.payload
+        factors: Factors | SpatialFactors = candidate.payload
         node, at = emitter.node(site.node), emitter.at(site.node, site.name)
-        old_weight = node.inputs[1]
-        down, up = factors.down.astype(site.weight.dtype), factors.up.astype(site.weight.dtype)
+        old_weight, dtype = node.inputs[1], site.weight.dtype
         if isinstance(site, linear.LinearSite):
-            node.inputs[0] = at.node("MatMul", "lowrank_down",
-                                     [node.inputs[0], at.constant("lowrank_down_w", down.T)])
-            node.inputs[1] = at.constant("lowrank_up_w", linear.stored_weight(node, up))
+            node.inputs[0] = at.node("MatMul", "lowrank_down", [
+                node.inputs[0], at.constant("lowrank_down_w", factors.down.T.astype(dtype))])
+            node.inputs[1] = at.constant("lowrank_up_w",
+                                         linear.stored_weight(node, factors.up.astype(dtype)))
+        elif isinstance(factors, SpatialFactors):
+            self._emit_spatial(site, factors, node, at)
         else:
-            ones = (1,) * len(site.geometry.kernel)
-            first = at.constant("lowrank_down_w", down.reshape(factors.rank, -1, *ones))
+            kernel, rank = site.geometry.kernel, factors.rank
+            first = at.constant("lowrank_down_w",
+                                factors.down.reshape(rank, -1, *kernel).astype(dtype))
             node.inputs[0] = at.node("Conv", "lowrank_down", [node.inputs[0], first],
                                      dict(node.attrs))
-            node.inputs[1] = at.constant("lowrank_up_w",
-                                         up.reshape(up.shape[0], factors.rank, *ones))
-            node.attrs = {}  # a plain 1x1 conv: strides, pads and auto_pad went to the first
+            node.inputs[1] = at.constant("lowrank_up_w", factors.up.reshape(
+                len(factors.up), rank, *(1,) * len(kernel)).astype(dtype))
+            node.attrs = {}  # a plain 1x1 conv: the kernel, strides and pads went to the first
         drop_if_unused(emitter.graph_of(site.node), old_weight)
 
+    @staticmethod
+    def _emit_spatial(site: Site, factors: SpatialFactors, node, at) -> None:
+        """``kh x 1`` conv (the rows' stride, dilation and pads), then ``1 x kw`` (the
+        columns'), the bias on the second; the columns' zero pads commute with the first
+        conv, which has no bias."""
+        geom, dtype = site.geometry, site.weight.dtype
+        (stride_h, stride_w), (dilation_h, dilation_w) = geom.strides, geom.dilations
+        top, left, bottom, right = geom.pads
+        vertical = factors.vertical[..., None].astype(dtype)  # r x C x kh x 1
+        node.inputs[0] = at.node("Conv", "lowrank_vertical", [
+            node.inputs[0], at.constant("lowrank_vertical_w", vertical)],
+            {"strides": [stride_h, 1], "dilations": [dilation_h, 1], "pads": [top, 0, bottom, 0]})
+        node.inputs[1] = at.constant("lowrank_horizontal_w",
+                                     factors.horizontal[:, :, None, :].astype(dtype))
+        node.attrs = {"strides": [1, stride_w], "dilations": [1, dilation_w],
+                      "pads": [0, left, 0, right]}
 
-__all__ = ["LowRankFamily", "factor", "ranks"]
+
+__all__ = ["LowRankFamily", "SpatialFactors", "factor", "ranks", "spatial_ranks"]

@@ -16,7 +16,13 @@ import onnx
 
 from . import demo_cnn, struct_audio1d, struct_mobilenetv2
 from .common import SIZES
-from .resnet import STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A
+from .resnet import (
+    IGC_RESNET18,
+    IGC_RESNET18_STRIDED,
+    STRUCT_RESNET18_A,
+    STRUCT_RESNET18_B,
+    STRUCT_RESNET50_A,
+)
 
 #: The benchmark builders by name.  Each module has ``build(seed, noise,
 #: batchnorm, size)``, ``build_with_claims(...)`` (the model and its claims),
@@ -24,7 +30,7 @@ from .resnet import STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A
 MODELS = {
     module.NAME: module
     for module in (STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A,
-                   struct_mobilenetv2, struct_audio1d)
+                   struct_mobilenetv2, struct_audio1d, IGC_RESNET18, IGC_RESNET18_STRIDED)
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sconv_onnx import interleave
 from sconv_onnx.structure import expand, window, windows
 
 #: IR version written by the builders: onnxruntime 1.31 refuses IR 14, the
@@ -105,10 +106,12 @@ def float_input(name: str, shape) -> onnx.ValueInfoProto:
 #: Sizes accepted by the benchmark builders.
 SIZES = ("full", "small")
 
+#: A weighted layer's structure: box sizes ``(c, n..)``, an interleaved product, or
+#: ``None`` for a plain (random) weight.
+Structure = tuple[int, ...] | interleave.Hypothesis | None
 #: What each benchmark builder returns besides the model: the structure every
-#: weighted layer (Conv, Gemm) was built with, keyed by node name; ``None``
-#: for a plain (random) weight.
-Claims = dict[str, tuple[int, ...] | None]
+#: weighted layer (Conv, Gemm) was built with, keyed by node name.
+Claims = dict[str, Structure]
 
 
 def check_size(size: str) -> str:
@@ -128,6 +131,23 @@ def plain_weight(rng: np.random.Generator, shape: tuple[int, ...], gain: float =
     """A random float32 weight with variance ``gain / fan_in`` (He for ``gain=2``)."""
     fan_in = int(np.prod(shape[1:]))
     return (rng.standard_normal(shape) * np.sqrt(gain / fan_in)).astype(np.float32)
+
+
+def interleaved_weight(rng: np.random.Generator, shape: tuple[int, ...],
+                       hyp: interleave.Hypothesis, noise: float = 0.0, gain: float = 2.0
+                       ) -> np.ndarray:
+    """A float32 weight that is exactly the two-factor product ``hyp`` (random factors;
+    plus relative ``noise`` as :func:`structured_weight` adds it), scaled to a plain
+    weight's mean square ``gain / fan_in``."""
+    out_ch, in_ch, *kernel = shape
+    first = rng.standard_normal((hyp.channels_between, in_ch // hyp.in_groups, *kernel))
+    second = rng.standard_normal((out_ch, hyp.in_groups * hyp.rank))
+    factors = interleave.Factors(hyp, first, second, interleave.interleave(hyp), 0.0)
+    weight = interleave.expand(factors, shape)
+    if noise:
+        weight += noise * np.linalg.norm(weight) / np.sqrt(weight.size) * rng.standard_normal(shape)
+    fan_in = int(np.prod(shape[1:]))
+    return (weight * np.sqrt(gain / fan_in / np.mean(weight**2))).astype(np.float32)
 
 
 class NetBuilder(GraphBuilder):
@@ -163,9 +183,10 @@ class NetBuilder(GraphBuilder):
         return (scale * self.rng.standard_normal(channels)).astype(np.float32)
 
     def conv_bn(self, name: str, x: str, in_channels: int, out_channels: int,
-                kernel: tuple[int, ...], sizes: tuple[int, ...] | None = None, *,
+                kernel: tuple[int, ...], sizes: Structure = None, *,
                 stride: int = 1, pad: int = 0, group: int = 1, gain: float = 1.0) -> str:
-        """Conv ``name`` (+ ``<name>.bn``); weight structured at ``sizes`` or plain if ``None``.
+        """Conv ``name`` (+ ``<name>.bn``); weight structured at ``sizes`` (box sizes, or an
+        interleaved product: :func:`interleaved_weight`) or plain if ``None``.
 
         A structured weight is ``balanced`` (see :func:`structured_weight`) and
         divided by ``sqrt(spatial_window)``, so that its gain on smooth inputs
@@ -178,6 +199,8 @@ class NetBuilder(GraphBuilder):
         shape = (out_channels, in_channels // group, *kernel)
         if sizes is None:
             weight = plain_weight(self.rng, shape)
+        elif isinstance(sizes, interleave.Hypothesis):
+            weight = interleaved_weight(self.rng, shape, sizes, self.noise)
         else:
             if len(sizes) != len(shape) - 1:
                 raise ValueError(f"{name}: sizes {sizes} do not fit weight shape {shape}")

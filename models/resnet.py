@@ -15,12 +15,15 @@ Node names follow the PyTorch modules: ``conv1``, ``layer2.0.conv1``,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
 
-from .common import Claims, NetBuilder, check_size, float_input, width
+from sconv_onnx import interleave
+
+from .common import Claims, NetBuilder, Structure, check_size, float_input, width
 
 CLASSES = 1000
 INPUT_NAME = "image"
@@ -30,8 +33,9 @@ BOTTLENECK_EXPANSION = 4
 #: over the depth, in place of the trained BN statistics a real net would have.
 RESIDUAL_GAIN = 0.5
 
-#: A structure rule: input channels per group and kernel -> sizes, or None (plain).
-Rule = Callable[[int, tuple[int, ...]], tuple[int, ...] | None]
+#: A structure rule: input channels per group, output channels and kernel -> a structure
+#: (box sizes or an interleaved product), or None (plain).
+Rule = Callable[[int, int, tuple[int, ...]], Structure]
 
 
 def input_shape(size: str = "full") -> tuple[int, int, int, int]:
@@ -39,7 +43,7 @@ def input_shape(size: str = "full") -> tuple[int, int, int, int]:
     return (1, 3, 224, 224) if check_size(size) == "full" else (1, 3, 32, 32)
 
 
-def plain(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...] | None:
+def plain(channels: int, out_channels: int, kernel: tuple[int, ...]) -> Structure:
     """The rule that leaves every conv plain."""
     return None
 
@@ -76,16 +80,16 @@ def _shortcut(g: NetBuilder, prefix: str, x: str, channels: int, out: int, strid
     if stride == 1 and channels == out:
         return x
     return g.conv_bn(f"{prefix}.downsample", x, channels, out, (1, 1),
-                     rule_1x1(channels, (1, 1)), stride=stride)
+                     rule_1x1(channels, out, (1, 1)), stride=stride)
 
 
 def _basic(g: NetBuilder, prefix: str, x: str, channels: int, planes: int, stride: int,
            rule_3x3: Rule, rule_1x1: Rule) -> tuple[str, int]:
     k = (3, 3)
-    y = g.conv_bn(f"{prefix}.conv1", x, channels, planes, k, rule_3x3(channels, k),
+    y = g.conv_bn(f"{prefix}.conv1", x, channels, planes, k, rule_3x3(channels, planes, k),
                   stride=stride, pad=1)
     y = g.relu(f"{prefix}.relu1", y)
-    y = g.conv_bn(f"{prefix}.conv2", y, planes, planes, k, rule_3x3(planes, k), pad=1,
+    y = g.conv_bn(f"{prefix}.conv2", y, planes, planes, k, rule_3x3(planes, planes, k), pad=1,
                   gain=RESIDUAL_GAIN)
     short = _shortcut(g, prefix, x, channels, planes, stride, rule_1x1)
     return g.relu(f"{prefix}.relu", g.add(f"{prefix}.add", y, short)), planes
@@ -95,30 +99,51 @@ def _bottleneck(g: NetBuilder, prefix: str, x: str, channels: int, planes: int, 
                 rule_3x3: Rule, rule_1x1: Rule) -> tuple[str, int]:
     out = planes * BOTTLENECK_EXPANSION
     one, three = (1, 1), (3, 3)
-    y = g.conv_bn(f"{prefix}.conv1", x, channels, planes, one, rule_1x1(channels, one))
+    y = g.conv_bn(f"{prefix}.conv1", x, channels, planes, one, rule_1x1(channels, planes, one))
     y = g.relu(f"{prefix}.relu1", y)
-    y = g.conv_bn(f"{prefix}.conv2", y, planes, planes, three, rule_3x3(planes, three),
+    y = g.conv_bn(f"{prefix}.conv2", y, planes, planes, three, rule_3x3(planes, planes, three),
                   stride=stride, pad=1)
     y = g.relu(f"{prefix}.relu2", y)
-    y = g.conv_bn(f"{prefix}.conv3", y, planes, out, one, rule_1x1(planes, one),
+    y = g.conv_bn(f"{prefix}.conv3", y, planes, out, one, rule_1x1(planes, out, one),
                   gain=RESIDUAL_GAIN)
     short = _shortcut(g, prefix, x, channels, out, stride, rule_1x1)
     return g.relu(f"{prefix}.relu", g.add(f"{prefix}.add", y, short)), out
 
 
-def all_channels_n2(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+def all_channels_n2(channels: int, out_channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
     """``(C, 2, 2)``: the 3x3 kernel is a sum of four 2x2 boxes, no channel structure."""
     return (channels, 2, 2)
 
 
-def half_channels_n2(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+def half_channels_n2(channels: int, out_channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
     """``(C/2, 2, 2)``: boxes over half the input channels and 2x2 of the 3x3 window."""
     return (channels // 2, 2, 2)
 
 
-def half_channels(channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+def half_channels(channels: int, out_channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
     """``(C/2, 1, 1)`` for a 1x1 conv: boxes over half the input channels."""
     return (channels // 2, 1, 1)
+
+
+#: Groups of the interleaved 3x3 convs: G1 = 4 (first, 3x3), G2 = 2 (second, 1x1).
+IGC_GROUPS = (4, 2)
+
+
+def interleaved(channels: int, out_channels: int, kernel: tuple[int, ...]) -> interleave.Hypothesis:
+    """IGC-V1 with as many channels between as out: G1 = 4, G2 = 2, R = O/8, the outputs
+    in contiguous groups; the 3x3 then costs ``(2 C 9 + 4 O) / (8 C 9)`` of its MACs
+    (0.31 at C = O), and at full width every grouped conv has 16 or more channels per
+    group (whole NCHWc blocks)."""
+    g1, g2 = IGC_GROUPS
+    return interleave.Hypothesis(g1, g2, max(1, out_channels // (g1 * g2)))
+
+
+def interleaved_strided(channels: int, out_channels: int, kernel: tuple[int, ...]
+                        ) -> interleave.Hypothesis:
+    """:func:`interleaved` with output groups strided (IGC-V1's reorder after its second conv)."""
+    hyp = interleaved(channels, out_channels, kernel)
+    return dataclasses.replace(hyp, out_order=interleave.strided_order(out_channels, hyp.out_groups),
+                               strided=True)
 
 
 @dataclass(frozen=True)
@@ -166,3 +191,8 @@ STRUCT_RESNET18_B = Variant("struct_resnet18_b", (2, 2, 2, 2), False, half_chann
                             half_channels)
 #: ResNet-50 (v1.5), the 3x3 conv of each bottleneck at ``(C, 2, 2)``; 1x1 convs, stem, fc plain.
 STRUCT_RESNET50_A = Variant("struct_resnet50_a", (3, 4, 6, 3), True, all_channels_n2)
+#: ResNet-18, every 3x3 conv an interleaved product (G1 = 4, G2 = 2, R = O/8, contiguous
+#: output groups); stem, 1x1 downsamples and fc plain.
+IGC_RESNET18 = Variant("igc_resnet18", (2, 2, 2, 2), False, interleaved)
+#: :data:`IGC_RESNET18` with strided output groups (the rewrite ends in a permutation).
+IGC_RESNET18_STRIDED = Variant("igc_resnet18_strided", (2, 2, 2, 2), False, interleaved_strided)

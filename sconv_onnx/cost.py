@@ -43,6 +43,7 @@ channel pooling lose (0.9-2x slower) unless the pool is shared; 3x3 convs at
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,6 +61,29 @@ POOL_ADD = 0.0625
 NODE_OVERHEAD = 1e5
 #: A rewrite must be predicted at most this fraction of the original's cost.
 GAIN_MARGIN = 0.9
+#: Relative cost of a MAC in a 2-D grouped conv whose channels per group are not whole
+#: NCHWc blocks (measured, docs/DESIGN.md section 2: an interleaved pair with 8 channels
+#: per group ran 0.43 of the dense conv at 0.14 of its MACs, about 3x its MAC ratio).
+UNBLOCKED = 3.0
+
+
+@functools.cache
+def nchwc_block() -> int:
+    """Floats per NCHWc block of onnxruntime's CPU convolutions on this machine: 16 with
+    AVX-512, else 8 (read from ``/proc/cpuinfo``; 8 where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return 8
+    return 16 if " avx512f" in flags else 8
+
+
+def blocked(*channels_per_group: int) -> bool:
+    """Whether a 2-D conv with these channels per group (in and out) runs in whole
+    NCHWc blocks (:func:`nchwc_block`)."""
+    block = nchwc_block()
+    return all(count % block == 0 for count in channels_per_group)
 
 
 @dataclass(frozen=True)
@@ -117,7 +141,8 @@ class OpCost:
     ``macs``: multiply-adds (a pool's additions count as MACs);
     ``elements``: tensor elements read and written; ``kind`` selects the
     price of a MAC: ``"dense"`` (1), ``"small"`` (a conv with a smaller
-    kernel than the original, :data:`SMALL_KERNEL`), ``"pool"``
+    kernel than the original, :data:`SMALL_KERNEL`), ``"unblocked"`` (a 2-D
+    grouped conv outside whole NCHWc blocks, :data:`UNBLOCKED`), ``"pool"``
     (:data:`POOL_ADD`) or ``"cumsum"`` (priced per input element,
     :data:`CUMSUM_ELEMENT`, instead); ``nodes``: graph nodes it takes.
     """
@@ -133,7 +158,8 @@ class OpCost:
         """Predicted time of this operator in MAC-equivalents per output position."""
         if self.kind == "cumsum":
             return self.elements * CUMSUM_ELEMENT
-        price = {"dense": 1.0, "small": SMALL_KERNEL, "pool": POOL_ADD}[self.kind]
+        price = {"dense": 1.0, "small": SMALL_KERNEL, "unblocked": UNBLOCKED,
+                 "pool": POOL_ADD}[self.kind]
         return self.macs * price + self.elements * MEMORY
 
 
@@ -152,6 +178,12 @@ def pool_op(channels: int, window: tuple[int, ...], positions: float, op: str) -
     """A stride-1 sum-pool over ``window`` writing ``channels`` at ``positions`` per output
     position of the layer (AveragePool, or an all-ones depthwise Conv)."""
     return OpCost(op, macs.pool(channels * positions, window), 2 * channels * positions, "pool")
+
+
+def gather_op(channels: float) -> OpCost:
+    """A channel permutation (``Gather`` on axis 1) of ``channels`` per output position:
+    memory traffic only, each element read and written once."""
+    return OpCost("Gather", 0.0, 2 * channels)
 
 
 def cumsum_op(inputs: float, nodes: int) -> OpCost:

@@ -61,13 +61,14 @@ def make_weight(spec: ConvSpec) -> np.ndarray:
     return expand(alpha, spec.weight_shape).astype(np.float32)
 
 
-def make_model(spec: ConvSpec) -> onnx.ModelProto:
-    """``z = Conv(x, W[, B])`` (or ConvTranspose) with the attributes of ``spec``.
+def make_model(spec: ConvSpec, weight: np.ndarray | None = None) -> onnx.ModelProto:
+    """``z = Conv(x, W[, B])`` (or ConvTranspose) with the attributes of ``spec``, ``W``
+    :func:`make_weight`'s unless given.
 
     No activation follows: the relative error ``max|dz| / max|z|`` stays
     meaningful (a Relu can leave a single tiny positive output).
     """
-    weight = make_weight(spec)
+    weight = make_weight(spec) if weight is None else weight.astype(np.float32)
     nodes, inits = [], []
     if spec.weight_as_constant_node:
         nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(weight)))

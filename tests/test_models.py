@@ -13,6 +13,7 @@ from sconv_onnx.models import build as build_cli
 from sconv_onnx.models import demo_cnn
 from sconv_onnx.models.build import MODELS
 
+from sconv_onnx import interleave
 from sconv_onnx.structure import relative_residual, search
 
 WEIGHTED = ("Conv", "Gemm")
@@ -79,6 +80,12 @@ def test_claimed_structures_hold_and_plain_axes_are_plain(small):
     _, model, claims = small
     for name, weight in _weights(model).items():
         sizes = claims[name]
+        if isinstance(sizes, interleave.Hypothesis):  # an interleaved product: found as one
+            taps = math.prod(weight.shape[2:])
+            claimed = sizes.params(*weight.shape[:2], taps)
+            found = interleave.search(weight, 1e-5)
+            assert found and found[0].params(*weight.shape[:2], taps) <= claimed, name
+            continue
         claimed = tuple(weight.shape[1:]) if sizes is None else sizes
         assert len(claimed) == weight.ndim - 1, name
         if sizes is not None:
@@ -119,6 +126,13 @@ def test_claims_follow_each_models_rule():
     assert audio["layer1.0.conv1"] == (4, 2)
     assert audio["layer4.1.conv2"] == (32, 2)
 
+    igc = MODELS["igc_resnet18"].claimed_structures("full")
+    assert igc["conv1"] is None and igc["layer2.0.downsample"] is None
+    assert igc["layer1.0.conv1"] == interleave.Hypothesis(4, 2, 8)  # 64 -> 64
+    assert igc["layer4.0.conv1"] == interleave.Hypothesis(4, 2, 64)  # 256 -> 512
+    strided = MODELS["igc_resnet18_strided"].claimed_structures("full")["layer3.1.conv2"]
+    assert strided.strided and strided.out_order == interleave.strided_order(256, 2)
+
 
 @pytest.mark.parametrize("name", ["struct_mobilenetv2", "struct_audio1d"])
 def test_small_has_the_full_topology(name):
@@ -151,7 +165,9 @@ def test_same_seed_same_bytes(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_noise_makes_structure_approximate(name):
     model, claims = MODELS[name].build_with_claims(noise=0.01, size="small")
-    residuals = [relative_residual(weight, claims[layer])
+    residuals = [interleave.factor(weight, claims[layer]).residual
+                 if isinstance(claims[layer], interleave.Hypothesis)
+                 else relative_residual(weight, claims[layer])
                  for layer, weight in _weights(model).items() if claims[layer] is not None]
     assert residuals
     assert all(1e-4 < r < 0.02 for r in residuals)

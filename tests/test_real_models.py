@@ -62,15 +62,29 @@ REAL_MODELS = {
 }
 
 
+#: Layers of the real models that are exact structures at the default tolerance: four wide
+#: 1x1 convs of PP-OCRv6 det are interleaved products (dead channels, low-rank blocks).
+EXACT_LAYERS = {"ppocr_det": {"Conv.49", "Conv.50", "Conv.52", "Conv.53"}, "orientation": set()}
+
+
 @pytest.mark.parametrize("name", sorted(REAL_MODELS))
-def test_real_models_unchanged_at_default_tolerance_and_valid_at_loose(name, tmp_path, capsys):
+def test_real_models_exact_at_default_tolerance_and_valid_at_loose(name, tmp_path, capsys):
     locate, hints = REAL_MODELS[name]
     source = locate()
     exact, loose, report = tmp_path / "exact.onnx", tmp_path / "loose.onnx", tmp_path / "r.json"
-    assert main(["optimize", source, str(exact), *hints, "--quiet"]) == 0
+    exact_report = tmp_path / "exact.json"
+    assert main(["optimize", source, str(exact), *hints, "--report", str(exact_report),
+                 "--quiet"]) == 0
+    plan = json.loads(exact_report.read_text())["plan"]
+    taken = {layer["node"]: layer for layer in plan["layers"] if layer["decision"] == "rewrite"}
+    assert set(taken) == EXACT_LAYERS[name]
+    assert all(layer["chosen"]["family"] == "igc" and layer["chosen"]["residual"] <= 1e-4
+               for layer in taken.values())
     capsys.readouterr()
+    # the box family at a loose tolerance (igc there truncates blocks of real weights, and
+    # its layer check rightly refuses some: PP-OCR det's Conv.73, residual 0.12, 0.98 alone)
     assert main(["optimize", source, str(loose), *hints, "--tol", "0.3", "--select", "all",
-                 "--report", str(report), "--quiet"]) == 0
+                 "--families", "box", "--report", str(report), "--quiet"]) == 0
     capsys.readouterr()
     onnx.checker.check_model(onnx.load(str(loose)))
     data = json.loads(report.read_text())
@@ -81,4 +95,4 @@ def test_real_models_unchanged_at_default_tolerance_and_valid_at_loose(name, tmp
     shape = [int(d) for d in hints[1].split(":")[1].split(",")] if hints else [1, 3, 224, 224]
     feeds = {"x": np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
     (error,) = compare_outputs(run(onnx.load(source), feeds), run(onnx.load(str(exact)), feeds))
-    assert error.max_rel < 1e-6
+    assert error.max_rel < (1e-3 if taken else 1e-6)  # the default bound; untouched: rounding

@@ -82,11 +82,19 @@ def apply_fold(graph: gs.Graph, layer: gs.Node, bn: gs.Node, bias: gs.Constant) 
         layer.inputs.append(bias)
     else:
         layer.inputs[2] = bias
+    take_output(graph, layer, bn)
+    if old_bias is not None:
+        drop_if_unused(graph, old_bias)
+
+
+def take_output(graph: gs.Graph, last: gs.Node, bn: gs.Node) -> None:
+    """Give ``last`` (the final node of a rewritten layer, whose bias already holds the
+    fold) the output of ``bn``; remove ``bn`` and its statistics from ``graph``."""
     bn_inputs = list(bn.inputs[1:])
     bn_out = bn.outputs[0]
     bn.inputs.clear()
     bn.outputs.clear()
     graph.nodes.remove(bn)
-    layer.outputs[0] = bn_out
-    for tensor in bn_inputs + ([old_bias] if old_bias is not None else []):
+    last.outputs[0] = bn_out
+    for tensor in bn_inputs:
         drop_if_unused(graph, tensor)

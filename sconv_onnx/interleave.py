@@ -1,0 +1,382 @@
+"""Interleaved group convolutions (IGC-V1, Zhang et al. 2017): the math, numpy only.
+
+A dense conv weight ``W`` (``O x C x K..``, ``t = prod(K)`` taps) is a
+*two-factor interleaved product* when it is computed exactly by
+
+    x -> grouped conv (G1 groups, C/G1 -> R G2 channels each, kernel K)
+      -> channel permutation (interleave)
+      -> grouped 1x1 conv (G2 groups, R G1 -> O/G2 channels each)
+
+with ``M = R G1 G2`` channels in between: each of the ``G2`` output groups
+reaches each of the ``G1`` input groups through exactly ``R`` channels (IGC-V1's
+complementary condition, "one path from each input to each output", is
+``R = 1``).  The first conv's group ``g`` writes channel ``g R G2 + j R + r``
+for output group ``j``, the second conv's group ``j`` reads it as its channel
+``j R G1 + g R + r``.  Then the block of ``W`` from input group ``g`` to
+output group ``j``, ``B_jg`` (``O/G2 x C t / G1``), is ``U_jg V_jg`` with
+``U_jg`` (``O/G2 x R``, the second conv's weights) and ``V_jg`` (``R x C t /
+G1``, the first's), so:
+
+* ``W`` is such a product iff every block has rank at most ``R``;
+* the blocks share no parameters, so the truncated SVD of each block is the
+  global least-squares fit, and the relative residual is
+  ``sqrt(sum of the blocks' tail singular values squared) / ||W||_F``;
+* it costs ``R (G2 C t + G1 O)`` weights and multiply-adds per output
+  position, against ``O C t``.
+
+The output groups are contiguous (group ``j`` holds channels ``j O/G2 ..``)
+or *strided* (channels ``j, j + G2, ..``, as IGC-V1 reorders after its second
+conv); the rewrite then ends with a permutation back.  When neither order
+fits, :func:`recover_orders` finds permuted input and output groups for
+``R = 1`` and kernels of more than one tap: output channels share a group iff
+their kernels from any one input channel are collinear.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A two-factor layout: ``in_groups`` (G1), ``out_groups`` (G2), ``rank`` (R) and the
+    channel orders (``None``: the identity).
+
+    ``out_order[p]`` is the output channel at position ``p`` of the second conv's
+    outputs (its groups in turn); ``in_order[q]`` the input channel the first conv
+    reads at its channel ``q``.
+    """
+
+    in_groups: int
+    out_groups: int
+    rank: int
+    out_order: tuple[int, ...] | None = None
+    in_order: tuple[int, ...] | None = None
+    strided: bool = False
+    #: the relative residual of a weight's fit at this layout (set by :func:`search`)
+    residual: float = field(default=0.0, compare=False)
+
+    @property
+    def channels_between(self) -> int:
+        """``M = R G1 G2``."""
+        return self.rank * self.in_groups * self.out_groups
+
+    def params(self, out_channels: int, in_channels: int, taps: int) -> int:
+        """Weights of the two convs (no bias): ``R (G2 C t + G1 O)``."""
+        return self.rank * (self.out_groups * in_channels * taps + self.in_groups * out_channels)
+
+    def label(self) -> str:
+        order = ("" if self.out_order is None and self.in_order is None
+                 else " strided" if self.strided else " permuted")
+        return f"G1={self.in_groups} G2={self.out_groups} R={self.rank}{order}"
+
+    def to_dict(self) -> dict:
+        return {"in_groups": self.in_groups, "out_groups": self.out_groups, "rank": self.rank,
+                "out_order": list(self.out_order) if self.out_order is not None else None,
+                "in_order": list(self.in_order) if self.in_order is not None else None}
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The two convs of a :class:`Hypothesis`, ready to emit.
+
+    ``first``: ``M x C/G1 x K..`` (a grouped conv, G1 groups); ``between``: the
+    permutation of its outputs the second conv reads (``Gather`` indices, None
+    when it is the identity: G1 or G2 is 1); ``second``: ``O x R G1`` (a grouped
+    1x1 conv, G2 groups), its rows in the hypothesis's output order.
+    """
+
+    hypothesis: Hypothesis
+    first: np.ndarray
+    second: np.ndarray
+    between: np.ndarray | None
+    residual: float
+
+    def to_dict(self) -> dict:
+        return self.hypothesis.to_dict()
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@functools.cache
+def strided_order(out_channels: int, out_groups: int) -> tuple[int, ...]:
+    """Output group ``j`` holds channels ``j, j + G2, ..``: position ``j O/G2 + i`` is
+    channel ``i G2 + j``."""
+    per = out_channels // out_groups
+    return tuple(np.arange(out_channels).reshape(per, out_groups).T.ravel().tolist())
+
+
+def blocks(weight: np.ndarray, hyp: Hypothesis) -> np.ndarray:
+    """``B_jg`` for every output group ``j`` and input group ``g``: ``G2 x G1 x O/G2 x C t/G1``
+    (float64), in the hypothesis's orders."""
+    w = np.asarray(weight, np.float64)
+    if hyp.out_order is not None:
+        w = w[list(hyp.out_order)]
+    if hyp.in_order is not None:
+        w = w[:, list(hyp.in_order)]
+    out_ch, in_ch = w.shape[:2]
+    taps = w[0, 0].size
+    g1, g2 = hyp.in_groups, hyp.out_groups
+    w = w.reshape(g2, out_ch // g2, g1, (in_ch // g1) * taps)
+    return w.transpose(0, 2, 1, 3)
+
+
+def interleave(hyp: Hypothesis) -> np.ndarray | None:
+    """The second conv's channel ``j R G1 + g R + r`` is the first's ``g R G2 + j R + r``:
+    ``Gather`` indices, or None when that is the identity (G1 or G2 is 1)."""
+    r, g1, g2 = hyp.rank, hyp.in_groups, hyp.out_groups
+    if g1 == 1 or g2 == 1:
+        return None
+    return np.array([g * r * g2 + j * r + k for j in range(g2) for g in range(g1) for k in range(r)],
+                    dtype=np.int64)
+
+
+def energies(stack: np.ndarray) -> np.ndarray:
+    """The squared singular values of each matrix of ``stack`` (``... x a x b``), largest
+    first: the eigenvalues of the Gram matrix of the shorter side (5-10x faster than an
+    SVD; absolute error about ``1e-16`` of the largest, far below the ``tol^2`` of
+    the tails compared with them for any tolerance above ``1e-7``)."""
+    gram = (stack @ stack.swapaxes(-1, -2) if stack.shape[-2] <= stack.shape[-1]
+            else stack.swapaxes(-1, -2) @ stack)
+    return np.clip(np.linalg.eigvalsh(gram)[..., ::-1], 0.0, None)
+
+
+def _tails(energy: np.ndarray) -> np.ndarray:
+    """``tails[R]``: the energy beyond rank ``R``, summed over the blocks of ``energy``
+    (their squared singular values), for ``R = 0 .. width``."""
+    summed = energy.reshape(-1, energy.shape[-1]).sum(axis=0)
+    return np.append(np.cumsum(summed[::-1])[::-1], 0.0)
+
+
+def _least_tail_rank(energy: np.ndarray, budget: float) -> int:
+    """The least rank (at least 1) whose tail energy is within ``budget``."""
+    return max(1, int(np.argmax(_tails(energy) <= budget)))
+
+
+def least_rank(energy: np.ndarray, total: float, tol: float, limit: int) -> tuple[int, float] | None:
+    """The least rank ``R < limit`` whose blocks' tail energy leaves a relative residual
+    within ``tol`` of ``sqrt(total)``, and that residual; None if there is none.
+    ``energy``: the blocks' squared singular values (:func:`energies`)."""
+    rank = _least_tail_rank(energy, tol * tol * total)
+    if rank >= limit:
+        return None
+    return rank, math.sqrt(_tails(energy)[rank] / total) if total > 0 else 0.0
+
+
+#: Rows and columns a screen's sub-block has beyond the rank it tests.
+SCREEN_MARGIN = 4
+
+
+@functools.cache
+def _spread(count: int, size: int) -> np.ndarray:
+    """``min(count, size)`` indices spread evenly over ``range(count)`` (read-only: cached)."""
+    spread = np.unique(np.linspace(0, count - 1, min(count, size)).round().astype(np.int64))
+    spread.setflags(write=False)
+    return spread
+
+
+def _sub_blocks(weight: np.ndarray, hyp: Hypothesis, size: int, first_only: bool = False
+                ) -> np.ndarray:
+    """A ``size x size`` sub-block of every block of :func:`blocks` (of ``B_00`` alone
+    with ``first_only``; all of a smaller block), its rows and columns spread evenly
+    over the block's (the leading ones would be a few channels' taps alone, of lower
+    rank than the block), float64, without reordering the whole weight."""
+    out_ch, in_ch = weight.shape[:2]
+    g1, g2 = (1, 1) if first_only else (hyp.in_groups, hyp.out_groups)
+    per_out, per_in = out_ch // hyp.out_groups, in_ch // hyp.in_groups
+    kept = _spread(per_out, size)
+    positions = (np.arange(g2)[:, None] * per_out + kept).ravel()
+    rows = np.asarray(hyp.out_order)[positions] if hyp.out_order is not None else positions
+    w = weight[rows]
+    if hyp.in_order is not None:
+        w = w[:, list(hyp.in_order)]
+    w = np.asarray(w[:, :per_in * g1], np.float64).reshape(g2, len(kept), g1, -1)
+    w = w[..., _spread(w.shape[-1], size)]
+    return w.transpose(0, 2, 1, 3)
+
+
+def rank_bound(weight: np.ndarray, hyp: Hypothesis, limit: int, total: float, tol: float
+               ) -> int | None:
+    """A lower bound on the least rank within ``tol`` at layout ``hyp`` from sub-blocks,
+    or None when it is ``limit`` or more (the layout cannot pay).
+
+    The sub-blocks (:func:`_sub_blocks`, ``(limit - 1 + SCREEN_MARGIN)``-square) have
+    singular values at most their blocks' (interlacing), so the rank their tails
+    need is at most the blocks': the bound never refuses a layout the full check
+    would accept.  The first block's sub-block alone refutes an unstructured weight
+    at the cost of one small SVD; every block's is tried next where they are much
+    smaller than the blocks (a weight of low rank can pass the first).
+    """
+    size = limit - 1 + SCREEN_MARGIN
+    budget = tol * tol * total
+    out_ch = weight.shape[0]
+    block_shape = (out_ch // hyp.out_groups, weight[0].size // hyp.in_groups)
+    if min(block_shape) < limit:
+        return 1  # every rank up to the full one pays: no bound from a screen
+    bound = _least_tail_rank(energies(_sub_blocks(weight, hyp, size, first_only=True)), budget)
+    if bound >= limit:
+        return None
+    if 2 * size <= min(block_shape) and hyp.in_groups * hyp.out_groups > 1:
+        bound = max(bound, _least_tail_rank(energies(_sub_blocks(weight, hyp, size)), budget))
+    return bound if bound < limit else None
+
+
+def layouts(out_channels: int, in_channels: int) -> list[Hypothesis]:
+    """Every group layout (rank 0: to be found) in contiguous and strided output order,
+    G1 G2 > 1 (G1 = G2 = 1 is a plain low-rank split, the ``lowrank`` family's)."""
+    found = []
+    for g1 in divisors(in_channels):
+        for g2 in divisors(out_channels):
+            if g1 * g2 == 1:
+                continue
+            found.append(Hypothesis(g1, g2, 0))
+            if 1 < g2 < out_channels:
+                found.append(Hypothesis(g1, g2, 0, strided_order(out_channels, g2), strided=True))
+    return found
+
+
+#: Layouts :func:`search` returns at most: those with the fewest weights.
+MAX_CANDIDATES = 6
+
+
+def search(weight: np.ndarray, tol: float, orders: list[Hypothesis] | None = None
+           ) -> list[Hypothesis]:
+    """The layouts of ``orders`` (default: :func:`layouts`), each at its least rank within
+    ``tol`` (and its residual there), that have fewer weights than ``W``: the
+    :data:`MAX_CANDIDATES` with the fewest, fewest first.
+
+    Every layout is screened (:func:`rank_bound`); the survivors get the full check
+    (the blocks' SVDs) in the order of the weights their rank bound allows, until
+    that bound reaches the weights of the last layout kept: no layout left could
+    have fewer.
+    """
+    out_ch, in_ch = weight.shape[:2]
+    taps = int(np.prod(weight.shape[2:], dtype=np.int64))
+    total = float(np.sum(np.asarray(weight, np.float64) ** 2))
+    dense = out_ch * in_ch * taps
+    screened = []
+    for layout in orders if orders is not None else layouts(out_ch, in_ch):
+        per_rank = replace(layout, rank=1).params(out_ch, in_ch, taps)
+        limit = -(-dense // per_rank) if per_rank else 0  # the rank at which it stops paying
+        low = rank_bound(weight, layout, limit, total, tol) if limit > 1 else None
+        if low is not None:
+            screened.append((low * per_rank, layout, limit))
+    found: list[tuple[int, Hypothesis]] = []
+    for weights, layout, limit in sorted(screened, key=lambda item: item[0]):
+        if len(found) >= MAX_CANDIDATES and weights >= found[-1][0]:
+            break
+        hit = least_rank(energies(blocks(weight, layout)), total, tol, limit)
+        if hit is not None:
+            hyp = replace(layout, rank=hit[0], residual=hit[1])
+            found = sorted([*found, (hyp.params(out_ch, in_ch, taps), hyp)],
+                           key=lambda item: item[0])[:MAX_CANDIDATES]
+    return [hyp for _, hyp in found]
+
+
+def factor(weight: np.ndarray, hyp: Hypothesis) -> Factors:
+    """The least-squares factors at ``hyp``: the truncated SVD of every block."""
+    out_ch, in_ch = weight.shape[:2]
+    kernel = weight.shape[2:]
+    g1, g2, r = hyp.in_groups, hyp.out_groups, hyp.rank
+    u, s, vt = np.linalg.svd(blocks(weight, hyp), full_matrices=False)
+    left = u[..., :r] * s[..., None, :r]  # G2 x G1 x O/G2 x R
+    right = vt[..., :r, :]  # G2 x G1 x R x C t/G1
+    first = right.transpose(1, 0, 2, 3).reshape(r * g1 * g2, in_ch // g1, *kernel)
+    second = left.transpose(0, 2, 1, 3).reshape(out_ch, g1 * r)
+    tail = float(np.sum(s[..., r:] ** 2))
+    total = float(np.sum(np.asarray(weight, np.float64) ** 2))
+    residual = math.sqrt(tail / total) if total > 0 else 0.0
+    return Factors(hyp, first, second, interleave(hyp), residual)
+
+
+def expand(factors: Factors, shape: tuple[int, ...]) -> np.ndarray:
+    """The dense weight the two convs compute together (in the original channel order)."""
+    hyp = factors.hypothesis
+    out_ch, in_ch = shape[:2]
+    g1, g2, r = hyp.in_groups, hyp.out_groups, hyp.rank
+    right = factors.first.reshape(g1, g2, r, -1).transpose(1, 0, 2, 3)  # G2 x G1 x R x b
+    left = factors.second.reshape(g2, out_ch // g2, g1, r).transpose(0, 2, 1, 3)
+    grouped = (left @ right).transpose(0, 2, 1, 3).reshape(out_ch, in_ch, *shape[2:])
+    weight = np.empty_like(grouped)
+    out_order = hyp.out_order if hyp.out_order is not None else range(out_ch)
+    in_order = np.asarray(hyp.in_order if hyp.in_order is not None else range(in_ch))
+    for position, channel in enumerate(out_order):
+        weight[channel][in_order] = grouped[position]
+    return weight
+
+
+def _collinear(rows: np.ndarray, tol: float) -> np.ndarray | None:
+    """``together[i, k]``: rows ``i`` and ``k`` point the same way (up to sign); None if a
+    row is zero."""
+    norms = np.linalg.norm(rows, axis=1)
+    if np.any(norms <= 1e-12 * max(float(norms.max()), 1e-300)):
+        return None
+    unit = rows / norms[:, None]
+    return np.abs(unit @ unit.T) >= 1 - max(tol, 1e-9)
+
+
+def _groups(together: np.ndarray | None, min_size: int = 1) -> list[list[int]] | None:
+    """The classes of ``together`` in groups of one size of at least ``min_size``; None
+    if they are not."""
+    if together is None:
+        return None
+    free = np.ones(len(together), bool)
+    groups: list[list[int]] = []
+    for index in range(len(together)):
+        if not free[index]:
+            continue
+        members = np.flatnonzero(together[index] & free)
+        if len(members) < min_size or (groups and len(members) != len(groups[0])):
+            return None
+        groups.append(members.tolist())
+        free[members] = False
+    return groups
+
+
+def recover_orders(weight: np.ndarray, tol: float) -> Hypothesis | None:
+    """Permuted input and output groups for ``R = 1`` (module doc), as a hypothesis of
+    rank 1 to check with :func:`search`; None when the kernels have one tap or the
+    channels do not fall into equal groups.
+
+    With ``R = 1`` the kernel ``W[o, c]`` is ``U[o] V[c]`` within a block: for a
+    fixed input ``c``, outputs of one group have collinear kernels.  With the output
+    groups known, the kernels ``W[J, c]`` from input ``c`` to output group ``J``
+    form a rank-1 matrix whose left singular vector is ``U_Jg``: inputs of one
+    group share it for every ``J`` (compared on all, since one small group's
+    vectors of a few entries can line up by chance).
+    """
+    w = np.asarray(weight, np.float64)
+    out_ch, in_ch = w.shape[:2]
+    taps = w[0, 0].size
+    if taps < 2:
+        return None
+    flat = w.reshape(out_ch, in_ch, taps)
+    strongest = int(np.argmax(np.linalg.norm(flat, axis=(0, 2))))
+    out_groups = _groups(_collinear(flat[:, strongest], tol), min_size=2)
+    if out_groups is None:
+        return None
+    # inputs of one group share U_Jg for every output group J: compare them on all
+    together = np.ones((in_ch, in_ch), bool)
+    for group in out_groups:
+        lefts = np.stack([np.linalg.svd(flat[group, c], full_matrices=False)[0][:, 0]
+                          for c in range(in_ch)])
+        same = _collinear(lefts, tol)
+        if same is None:
+            return None
+        together &= same
+    in_groups = _groups(together)
+    if in_groups is None:
+        return None
+    if len(in_groups) * len(out_groups) == 1:
+        return None
+    out_order = tuple(c for group in sorted(out_groups) for c in sorted(group))
+    in_order = tuple(c for group in sorted(in_groups) for c in sorted(group))
+    return Hypothesis(len(in_groups), len(out_groups), 0,
+                      None if out_order == tuple(range(out_ch)) else out_order,
+                      None if in_order == tuple(range(in_ch)) else in_order)

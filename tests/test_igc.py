@@ -1,0 +1,190 @@
+"""The interleaved family (issue 13): two-factor IGC products found, factored, rewritten.
+
+Exact products of every layout (G1, G2, R; contiguous, strided and permuted
+channel orders; 1-D/2-D/3-D kernels) must be rewritten to at most the
+factorization's weights and match the original within the rounding bound of
+both computations; random weights must stay untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from conv_models import ConvSpec, make_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rounding import assert_within_rounding, layer_depth
+
+import sconv_onnx
+from sconv_onnx import cost, interleave
+from sconv_onnx.verify import random_feeds
+
+EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200")) // 2
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def product(rng, out_ch: int, in_ch: int, kernel: tuple[int, ...], hyp: interleave.Hypothesis
+            ) -> np.ndarray:
+    """A random weight that is exactly the two-factor product ``hyp``."""
+    first = rng.standard_normal((hyp.channels_between, in_ch // hyp.in_groups, *kernel))
+    second = rng.standard_normal((out_ch, hyp.in_groups * hyp.rank)) / math.sqrt(
+        hyp.in_groups * hyp.rank)
+    factors = interleave.Factors(hyp, first, second, interleave.interleave(hyp), 0.0)
+    return interleave.expand(factors, (out_ch, in_ch, *kernel))
+
+
+def _permutation(rng, size: int) -> tuple[int, ...]:
+    return tuple(int(index) for index in rng.permutation(size))
+
+
+@pytest.mark.parametrize("g1,g2,rank,kernel", [
+    (4, 2, 1, (3, 3)), (2, 4, 2, (3, 3)), (4, 4, 1, (1, 1)), (3, 1, 2, (3,)), (1, 2, 3, (3, 3, 3)),
+])
+def test_search_finds_the_product_and_its_factors_are_exact(g1, g2, rank, kernel):
+    rng = np.random.default_rng(0)
+    hyp = interleave.Hypothesis(g1, g2, rank)
+    weight = product(rng, 24, 12, kernel, hyp)
+    found = interleave.search(weight, 1e-6)
+    taps = math.prod(kernel)
+    assert found and found[0].params(24, 12, taps) <= hyp.params(24, 12, taps)
+    for candidate in found:
+        factors = interleave.factor(weight, candidate)
+        assert factors.residual < 1e-9
+        assert np.allclose(interleave.expand(factors, weight.shape), weight, atol=1e-9)
+
+
+def test_strided_outputs_are_found_in_their_order():
+    rng = np.random.default_rng(1)
+    hyp = interleave.Hypothesis(4, 2, 1, interleave.strided_order(32, 2), strided=True)
+    weight = product(rng, 32, 24, (3, 3), hyp)
+    labels = [candidate.label() for candidate in interleave.search(weight, 1e-6)]
+    assert "G1=4 G2=2 R=1 strided" in labels
+    assert "G1=4 G2=2 R=1" not in labels  # contiguous groups do not fit
+
+
+def test_permuted_channels_are_recovered_when_the_kernel_has_several_taps():
+    rng = np.random.default_rng(2)
+    hyp = interleave.Hypothesis(4, 2, 1, _permutation(rng, 32), _permutation(rng, 24))
+    weight = product(rng, 32, 24, (3, 3), hyp)
+    recovered = interleave.recover_orders(weight, 1e-6)
+    assert (recovered.in_groups, recovered.out_groups) == (4, 2)
+    [found] = interleave.search(weight, 1e-6, [recovered])
+    factors = interleave.factor(weight, found)
+    assert found.rank == 1 and factors.residual < 1e-9
+    assert np.allclose(interleave.expand(factors, weight.shape), weight, atol=1e-9)
+    # a 1x1 kernel has one tap: no direction to group by
+    assert interleave.recover_orders(weight[..., :1, :1], 1e-6) is None
+
+
+def test_random_and_nearly_structured_weights_have_no_candidate():
+    rng = np.random.default_rng(3)
+    assert interleave.search(rng.standard_normal((64, 48, 3, 3)), 1e-4) == []
+    assert interleave.recover_orders(rng.standard_normal((64, 48, 3, 3)), 1e-4) is None
+    weight = product(rng, 32, 32, (3, 3), interleave.Hypothesis(4, 4, 1))
+    noisy = weight + 1e-2 * np.linalg.norm(weight) / math.sqrt(weight.size) * rng.standard_normal(
+        weight.shape)
+    assert interleave.search(noisy, 1e-4) == []  # 1 % off the product: outside the tolerance
+    assert interleave.search(noisy, 0.05) != []  # ... and within a looser one
+
+
+@st.composite
+def igc_specs(draw):
+    """A Conv whose weight is a two-factor product: geometry as the box family's property
+    tests draw it, the layout (G1, G2, R, order) drawn too."""
+    rank = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.sampled_from([1, 2, 3] if rank == 3 else [1, 2, 3, 5]))
+                   for _ in range(rank))
+    g1, g2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    if g1 * g2 == 1:
+        g2 = 2
+    paths = draw(st.integers(1, 2))
+    in_ch = g1 * draw(st.integers(1, 4))
+    out_ch = g2 * draw(st.integers(2, 4))
+    taps = math.prod(kernel)
+    order = draw(st.sampled_from(["contiguous", "strided", "permuted"]))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    out_order = in_order = None
+    if order == "strided" and 1 < g2 < out_ch:
+        out_order = interleave.strided_order(out_ch, g2)
+    elif order == "permuted" and taps > 1:
+        paths = 1  # recovered for R = 1 only
+        out_order, in_order = _permutation(rng, out_ch), _permutation(rng, in_ch)
+    hyp = interleave.Hypothesis(g1, g2, paths, out_order, in_order, strided=order == "strided")
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    dilations = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    spatial = tuple(e + draw(st.integers(0, 3)) for e in extent)
+    pad_mode = draw(st.sampled_from(["none", "symmetric", "SAME_UPPER"]))
+    pads = auto_pad = None
+    if pad_mode == "symmetric":
+        begin = [draw(st.integers(0, e - 1)) if e > 1 else 0 for e in extent]
+        pads = tuple(begin + begin)
+    elif pad_mode == "SAME_UPPER" and all(d == 1 for d in dilations):
+        auto_pad = pad_mode
+    spec = ConvSpec(in_per_group=in_ch, out_channels=out_ch, group=1, kernel=kernel,
+                    spatial=spatial, strides=strides, dilations=dilations, pads=pads,
+                    auto_pad=auto_pad, bias=draw(st.booleans()), opset=draw(st.integers(11, 21)),
+                    seed=seed)
+    return spec, hyp, product(rng, out_ch, in_ch, kernel, hyp)
+
+
+def _float_weights(model) -> int:
+    """Float constants of ``model`` (Gather indices are not weights)."""
+    return sum(math.prod(init.dims) for init in model.graph.initializer if init.data_type in (1, 11))
+
+
+@SETTINGS
+@given(igc_specs())
+def test_exact_products_are_rewritten_to_at_most_their_weights_and_match(drawn):
+    spec, hyp, weight = drawn
+    model = make_model(spec, weight)
+    new, report = sconv_onnx.optimize(model, select="all", families=["igc"])
+    [layer] = report.plan.layers
+    taps = math.prod(spec.kernel)
+    factored = hyp.params(spec.out_channels, spec.in_per_group, taps) + spec.bias * spec.out_channels
+    if factored >= weight.size + spec.bias * spec.out_channels:
+        return  # the product has as many weights as the dense conv: nothing to gain
+    assert layer.rewritten and layer.family == "igc", layer.reason
+    assert _float_weights(new) <= factored
+    feeds = random_feeds(model, {"x": spec.input_shape}, seed=spec.seed)
+    assert_within_rounding(model, new, feeds, layer_depth(model), layer.chosen.rounding_depth)
+
+
+@SETTINGS
+@given(igc_specs())
+def test_random_weights_of_the_same_layers_are_left_alone(drawn):
+    spec, _, weight = drawn
+    rng = np.random.default_rng(spec.seed)
+    model = make_model(spec, rng.standard_normal(weight.shape))
+    new, report = sconv_onnx.optimize(model, select="all", families=["igc"])
+    assert not report.plan.layers[0].rewritten
+    assert [node.op_type for node in new.graph.node] == ["Conv"]
+
+
+def test_the_default_selection_takes_a_product_whose_groups_are_whole_blocks():
+    """128 channels, G1 = 4, G2 = 2: 32 and 64 channels per group, whole NCHWc blocks on
+    every machine; the cost model predicts a gain, so plain ``optimize`` rewrites it."""
+    rng = np.random.default_rng(4)
+    weight = product(rng, 128, 128, (3, 3), interleave.Hypothesis(4, 2, 4))
+    spec = ConvSpec(in_per_group=128, out_channels=128, group=1, kernel=(3, 3), spatial=(14, 14),
+                    pads=(1, 1, 1, 1))
+    _, report = sconv_onnx.optimize(make_model(spec, weight))
+    [layer] = report.plan.layers
+    assert layer.rewritten and layer.family == "igc"
+    assert report.after.macs < 0.5 * report.before.macs
+    assert report.max_rel_error < 1e-5
+
+
+def test_groups_outside_whole_blocks_are_priced_as_onnxruntime_runs_them(monkeypatch):
+    monkeypatch.setattr(cost, "nchwc_block", lambda: 16)
+    assert cost.blocked(16, 32) and not cost.blocked(8, 32)
+    monkeypatch.setattr(cost, "nchwc_block", lambda: 8)
+    assert cost.blocked(8, 24)
+    unblocked = cost.conv_op(64, 8, 64, (3, 3), 1.0, kind="unblocked")
+    dense = cost.conv_op(64, 8, 64, (3, 3), 1.0)
+    assert unblocked.cost > dense.cost and unblocked.macs == dense.macs

@@ -62,8 +62,8 @@ NODE_OVERHEAD = 1e5
 #: A rewrite must be predicted at most this fraction of the original's cost.
 GAIN_MARGIN = 0.9
 #: Relative cost of a MAC in a 2-D grouped conv whose channels per group are not whole
-#: NCHWc blocks (measured, docs/DESIGN.md section 2: an interleaved pair with 8 channels
-#: per group ran 0.43 of the dense conv at 0.14 of its MACs, about 3x its MAC ratio).
+#: NCHWc blocks (docs/DESIGN.md section 2: an interleaved pair with 8 channels per group
+#: ran 0.43 of the dense conv at 0.14 of its MACs, about 3x its MAC ratio).
 UNBLOCKED = 3.0
 
 

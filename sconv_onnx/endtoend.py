@@ -401,7 +401,8 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
         # one-shot fits first (cheap), then the longer prefixes that only their
         # sequential fit brings within the bound
         best = longest(0, complete, one_shot, one_shot(0))
-        best = longest(best.moves, complete, lambda moves: refitted(one_shot(moves)), best)
+        if sequential:
+            best = longest(best.moves, complete, lambda moves: refitted(one_shot(moves)), best)
     if not best.refits:
         best = refitted(best)
     best.held = held

@@ -71,11 +71,12 @@ class Hypothesis:
 
     def label(self) -> str:
         order = ("" if self.out_order is None and self.in_order is None
-                 else " strided" if self.strided else " permuted")
+                 else " strided" if self.strided and self.in_order is None else " permuted")
         return f"G1={self.in_groups} G2={self.out_groups} R={self.rank}{order}"
 
     def to_dict(self) -> dict:
         return {"in_groups": self.in_groups, "out_groups": self.out_groups, "rank": self.rank,
+                "strided": self.strided,
                 "out_order": list(self.out_order) if self.out_order is not None else None,
                 "in_order": list(self.in_order) if self.in_order is not None else None}
 
@@ -364,8 +365,7 @@ def recover_orders(weight: np.ndarray, tol: float) -> Hypothesis | None:
     # inputs of one group share U_Jg for every output group J: compare them on all
     together = np.ones((in_ch, in_ch), bool)
     for group in out_groups:
-        lefts = np.stack([np.linalg.svd(flat[group, c], full_matrices=False)[0][:, 0]
-                          for c in range(in_ch)])
+        lefts = np.linalg.svd(flat[group].transpose(1, 0, 2), full_matrices=False)[0][..., 0]
         same = _collinear(lefts, tol)
         if same is None:
             return None
@@ -377,6 +377,9 @@ def recover_orders(weight: np.ndarray, tol: float) -> Hypothesis | None:
         return None
     out_order = tuple(c for group in sorted(out_groups) for c in sorted(group))
     in_order = tuple(c for group in sorted(in_groups) for c in sorted(group))
-    return Hypothesis(len(in_groups), len(out_groups), 0,
-                      None if out_order == tuple(range(out_ch)) else out_order,
-                      None if in_order == tuple(range(in_ch)) else in_order)
+    g1, g2 = len(in_groups), len(out_groups)
+    in_order = None if in_order == tuple(range(in_ch)) else in_order
+    if out_order == tuple(range(out_ch)):
+        return Hypothesis(g1, g2, 0, None, in_order)
+    strided = out_order == strided_order(out_ch, g2)
+    return Hypothesis(g1, g2, 0, out_order, in_order, strided=strided)

@@ -8,6 +8,7 @@ both computations; random weights must stay untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -188,3 +189,88 @@ def test_groups_outside_whole_blocks_are_priced_as_onnxruntime_runs_them(monkeyp
     unblocked = cost.conv_op(64, 8, 64, (3, 3), 1.0, kind="unblocked")
     dense = cost.conv_op(64, 8, 64, (3, 3), 1.0)
     assert unblocked.cost > dense.cost and unblocked.macs == dense.macs
+
+
+def _conv_model(weight: np.ndarray, batchnorm: bool = False, computed_bias: bool = False):
+    """``Conv(x, W)`` (3x3, pads 1) on ``1 x C x 10 x 10``: followed by a BatchNormalization
+    (seeded statistics), or with a bias computed at run time (``Relu`` of a constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    out_ch, in_ch = weight.shape[:2]
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    nodes, conv_inputs = [], ["x", "w"]
+    if computed_bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out_ch).astype(np.float32), "b0"))
+        nodes.append(helper.make_node("Relu", ["b0"], ["b"]))
+        conv_inputs.append("b")
+    nodes.append(helper.make_node("Conv", conv_inputs, ["c"], name="k", pads=[1, 1, 1, 1]))
+    last = "c"
+    if batchnorm:
+        stats = [rng.uniform(0.5, 1.5, out_ch), 0.1 * rng.standard_normal(out_ch),
+                 0.1 * rng.standard_normal(out_ch), rng.uniform(0.5, 1.5, out_ch)]
+        names = [f"bn{i}" for i in range(4)]
+        inits += [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(stats, names)]
+        nodes.append(helper.make_node("BatchNormalization", ["c", *names], ["y"], name="bn"))
+        last = "y"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_ch, 10, 10])],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, out_ch, 10, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("order", ["contiguous", "strided", "permuted"])
+def test_a_batchnorm_after_the_product_is_folded_in_every_order(order):
+    rng = np.random.default_rng(12)
+    out_order = in_order = None
+    if order == "strided":
+        out_order = interleave.strided_order(32, 2)
+    elif order == "permuted":
+        out_order, in_order = _permutation(rng, 32), _permutation(rng, 16)
+    hyp = interleave.Hypothesis(4, 2, 1, out_order, in_order, strided=order == "strided")
+    model = _conv_model(product(rng, 32, 16, (3, 3), hyp), batchnorm=True)
+    new, report = sconv_onnx.optimize(model, select="all", families=["igc"])
+    [layer] = report.plan.layers
+    assert layer.rewritten and layer.folded == ("bn",)
+    ops = [node.op_type for node in new.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 2
+    assert (ops[-1] == "Gather") == (order != "contiguous")  # the outputs put back in order
+    assert report.max_rel_error < 1e-5
+
+
+def test_a_computed_bias_keeps_the_outputs_in_contiguous_groups():
+    """A bias known only at run time cannot be reordered into the second conv: a strided
+    product then gets a layout without the final permutation, or none."""
+    rng = np.random.default_rng(13)
+    hyp = interleave.Hypothesis(4, 2, 1, interleave.strided_order(32, 2), strided=True)
+    model = _conv_model(product(rng, 32, 16, (3, 3), hyp), computed_bias=True)
+    new, report = sconv_onnx.optimize(model, select="all", families=["igc"])
+    [layer] = report.plan.layers
+    if layer.rewritten:
+        assert "strided" not in layer.chosen.label and "permuted" not in layer.chosen.label
+        assert [node.op_type for node in new.graph.node][-1] == "Conv"
+    assert report.max_rel_error < 1e-5
+
+
+@SETTINGS
+@given(igc_specs())
+def test_the_screen_never_bounds_a_layout_above_its_least_rank(drawn):
+    """:func:`interleave.rank_bound` is a lower bound of what the full check finds, for
+    the drawn product's own layout and any other (the search's "never refuses" claim)."""
+    spec, hyp, weight = drawn
+    out_ch, in_ch = weight.shape[:2]
+    taps = math.prod(spec.kernel)
+    total = float(np.sum(weight**2))
+    rng = np.random.default_rng(spec.seed)
+    noisy = weight + 1e-5 * np.sqrt(total / weight.size) * rng.standard_normal(weight.shape)
+    for layout in [dataclasses.replace(hyp, rank=0), *interleave.layouts(out_ch, in_ch)[:8]]:
+        per_rank = dataclasses.replace(layout, rank=1).params(out_ch, in_ch, taps)
+        limit = -(-weight.size // per_rank)
+        if limit <= 1:
+            continue
+        for w in (weight, noisy):
+            energy = interleave.energies(interleave.blocks(w, layout))
+            full = interleave.least_rank(energy, float(np.sum(w**2)), 1e-4, limit)
+            bound = interleave.rank_bound(w, layout, limit, float(np.sum(w**2)), 1e-4)
+            if full is not None:
+                assert bound is not None and bound <= full[0], (layout, bound, full)

@@ -183,3 +183,13 @@ def test_a_kxk_conv_of_low_channel_rank_splits_into_a_kxk_and_a_1x1_conv():
     layer, first, second = _split_by_the_budget(rng, weight, 0.4, strides=[2, 2], pads=[1, 1, 1, 1])
     assert layer.chosen.label.startswith("rank")
     assert first[1:] == (48, 3, 3) and second[2:] == (1, 1)
+
+
+def test_a_non_square_kernel_keeps_its_rows_in_the_first_conv_and_columns_in_the_second():
+    rng = np.random.default_rng(10)
+    weight = SpatialFactors(rng.standard_normal((16, 48, 3)),
+                            rng.standard_normal((64, 16, 5)) / 30).expand((64, 48, 3, 5))
+    layer, first, second = _split_by_the_budget(rng, weight, 0.7, strides=[1, 2],
+                                                pads=[1, 2, 1, 2])
+    assert layer.chosen.label.startswith("spatial rank")
+    assert (first[2:], second[2:]) == ((3, 1), (1, 5))

@@ -10,7 +10,8 @@ A Conv of one group whose weight is a two-factor interleaved product
     [Gather(axis=1): the outputs back in their order]         only when not contiguous
 
 Candidates are exact structures within the tolerance (no calibration data
-needed).  Their cost counts every node: the Gathers move each element once,
+needed).  Their cost counts every node: the Gathers move each element once
+(their int64 indices count among the params, not among the weights),
 and a 2-D grouped conv whose channels per group are not whole NCHWc blocks
 pays :data:`~sconv_onnx.cost.UNBLOCKED` per MAC (the block is read from the
 machine: :func:`~sconv_onnx.cost.nchwc_block`).
@@ -102,7 +103,7 @@ class InterleavedFamily(Family):
         weight = site.weight
         orders = interleave.layouts(*weight.shape[:2])
         permuted = interleave.recover_orders(weight, tol)
-        if permuted is not None:
+        if permuted is not None and permuted not in orders:  # identity orders: a layout already
             orders.append(permuted)
         constant_bias = _bias(site) is not None or not _has_bias(site)
         absorbs = (site.batchnorm.node.name or "BatchNormalization",) if site.batchnorm else ()
@@ -127,7 +128,7 @@ class InterleavedFamily(Family):
             x = at.node("Gather", "igc_input_order",
                         [x, at.constant("igc_input_order_idx", np.array(hyp.in_order, np.int64))],
                         {"axis": 1})
-        rank = len(geom.kernel)
+        spatial_dims = len(geom.kernel)
         x = at.node("Conv", "igc_first", [x, at.constant("igc_first_w", factors.first.astype(dtype))],
                     {"group": hyp.in_groups, "strides": list(geom.strides),
                      "dilations": list(geom.dilations), "pads": list(geom.pads)})
@@ -135,7 +136,7 @@ class InterleavedFamily(Family):
             x = at.node("Gather", "igc_interleave",
                         [x, at.constant("igc_interleave_idx", factors.between)], {"axis": 1})
         second = at.constant("igc_second_w", factors.second.reshape(
-            *factors.second.shape, *(1,) * rank).astype(dtype))
+            *factors.second.shape, *(1,) * spatial_dims).astype(dtype))
         graph = emitter.graph_of(site.node)
         bn = emitter.node(site.batchnorm.node) if site.batchnorm is not None else None
         if hyp.out_order is None:

@@ -323,8 +323,9 @@ class LowRankFamily(Family):
               originals: np.ndarray) -> Candidate:
         weight = _matrix(site)
         inputs, originals = (a.reshape(-1, a.shape[-1]) for a in (inputs, originals))
-        if isinstance(candidate.payload, SpatialFactors):
-            fit = fit_horizontal(site.weight, candidate.payload, inputs, originals)
+        if isinstance(candidate.payload, SpatialFactors):  # from the weight-space SVD again
+            start = spatial_truncations(site.weight, [candidate.payload.rank])[0]
+            fit = fit_horizontal(site.weight, start, inputs, originals)
         else:
             mapped, lower = regression(weight, inputs, originals)
             fit = truncations(mapped, [candidate.payload.rank], lower)[0]

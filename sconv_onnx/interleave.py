@@ -313,13 +313,16 @@ def expand(factors: Factors, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _collinear(rows: np.ndarray, tol: float) -> np.ndarray | None:
-    """``together[i, k]``: rows ``i`` and ``k`` point the same way (up to sign); None if a
-    row is zero."""
+    """``together[i, k]``: rows ``i`` and ``k`` point the same way (up to sign), within an
+    angle of about ``4 tol`` (``1 - cos <= 8 tol^2``: a row off by ``tol`` of its norm
+    turns by about ``tol``); None if a row is zero.  Looser, the directions of two
+    groups that differ by a few thousandths of a radian merged by chance (2 taps,
+    ``tol = 1e-4``: ``1 - cos = 8e-6``)."""
     norms = np.linalg.norm(rows, axis=1)
     if np.any(norms <= 1e-12 * max(float(norms.max()), 1e-300)):
         return None
     unit = rows / norms[:, None]
-    return np.abs(unit @ unit.T) >= 1 - max(tol, 1e-9)
+    return np.abs(unit @ unit.T) >= 1 - max(8 * tol * tol, 1e-12)
 
 
 def _groups(together: np.ndarray | None, min_size: int = 1) -> list[list[int]] | None:
@@ -340,13 +343,18 @@ def _groups(together: np.ndarray | None, min_size: int = 1) -> list[list[int]] |
     return groups
 
 
+#: Input channels at which :func:`recover_orders` compares the outputs' kernels.
+COMPARED_INPUTS = 8
+
+
 def recover_orders(weight: np.ndarray, tol: float) -> Hypothesis | None:
     """Permuted input and output groups for ``R = 1`` (module doc), as a hypothesis of
     rank 1 to check with :func:`search`; None when the kernels have one tap or the
     channels do not fall into equal groups.
 
     With ``R = 1`` the kernel ``W[o, c]`` is ``U[o] V[c]`` within a block: for a
-    fixed input ``c``, outputs of one group have collinear kernels.  With the output
+    fixed input ``c``, outputs of one group have collinear kernels (compared at
+    :data:`COMPARED_INPUTS` inputs).  With the output
     groups known, the kernels ``W[J, c]`` from input ``c`` to output group ``J``
     form a rank-1 matrix whose left singular vector is ``U_Jg``: inputs of one
     group share it for every ``J`` (compared on all, since one small group's
@@ -358,8 +366,16 @@ def recover_orders(weight: np.ndarray, tol: float) -> Hypothesis | None:
     if taps < 2:
         return None
     flat = w.reshape(out_ch, in_ch, taps)
-    strongest = int(np.argmax(np.linalg.norm(flat, axis=(0, 2))))
-    out_groups = _groups(_collinear(flat[:, strongest], tol), min_size=2)
+    # outputs of one group are collinear at every input: compared at the strongest few
+    # (at one input, a few taps' directions of two groups can line up by chance)
+    strongest = np.argsort(np.linalg.norm(flat, axis=(0, 2)))[::-1][:COMPARED_INPUTS]
+    together = np.ones((out_ch, out_ch), bool)
+    for channel in strongest:
+        same = _collinear(flat[:, channel], tol)
+        if same is None:
+            return None
+        together &= same
+    out_groups = _groups(together, min_size=2)
     if out_groups is None:
         return None
     # inputs of one group share U_Jg for every output group J: compare them on all

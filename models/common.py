@@ -139,11 +139,7 @@ def interleaved_weight(rng: np.random.Generator, shape: tuple[int, ...],
     """A float32 weight that is exactly the two-factor product ``hyp`` (random factors;
     plus relative ``noise`` as :func:`structured_weight` adds it), scaled to a plain
     weight's mean square ``gain / fan_in``."""
-    out_ch, in_ch, *kernel = shape
-    first = rng.standard_normal((hyp.channels_between, in_ch // hyp.in_groups, *kernel))
-    second = rng.standard_normal((out_ch, hyp.in_groups * hyp.rank))
-    factors = interleave.Factors(hyp, first, second, interleave.interleave(hyp), 0.0)
-    weight = interleave.expand(factors, shape)
+    weight = interleave.random_product(rng, shape, hyp)
     if noise:
         weight += noise * np.linalg.norm(weight) / np.sqrt(weight.size) * rng.standard_normal(shape)
     fan_in = int(np.prod(shape[1:]))

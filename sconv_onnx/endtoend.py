@@ -381,9 +381,9 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
         return fitted if better and (bound.holds(fitted.fidelity) or not bound.holds(
             trial.fidelity)) else trial
 
-    def longest(low: int, high: int, attempt, best: Trial) -> Trial:
+    def longest(low: int, high: int, attempt, best: Trial | None) -> Trial | None:
         """The trial of the longest prefix in ``[low, high)`` that holds, by bisection
-        (``best``: the one at ``low``)."""
+        (``best``: the one at ``low``, None where not tried)."""
         while high - low > 1:
             middle = (low + high) // 2
             trial = attempt(middle)
@@ -400,7 +400,7 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
     if not bound.holds(best.fidelity):
         # one-shot fits first (cheap), then the longer prefixes that only their
         # sequential fit brings within the bound
-        best = longest(0, complete, one_shot, one_shot(0))
+        best = longest(0, complete, one_shot, None) or one_shot(0)
         if sequential:
             best = longest(best.moves, complete, lambda moves: refitted(one_shot(moves)), best)
     if not best.refits:

@@ -97,9 +97,6 @@ class Factors:
     between: np.ndarray | None
     residual: float
 
-    def to_dict(self) -> dict:
-        return self.hypothesis.to_dict()
-
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -294,6 +291,17 @@ def factor(weight: np.ndarray, hyp: Hypothesis) -> Factors:
     total = float(np.sum(np.asarray(weight, np.float64) ** 2))
     residual = math.sqrt(tail / total) if total > 0 else 0.0
     return Factors(hyp, first, second, interleave(hyp), residual)
+
+
+def random_product(rng: np.random.Generator, shape: tuple[int, ...], hyp: Hypothesis
+                   ) -> np.ndarray:
+    """A weight of ``shape`` that is exactly the product ``hyp`` (float64): standard normal
+    factors, the second scaled by ``1 / sqrt(G1 R)`` (entries of order 1)."""
+    out_ch, in_ch, *kernel = shape
+    first = rng.standard_normal((hyp.channels_between, in_ch // hyp.in_groups, *kernel))
+    second = rng.standard_normal((out_ch, hyp.in_groups * hyp.rank)) / math.sqrt(
+        hyp.in_groups * hyp.rank)
+    return expand(Factors(hyp, first, second, interleave(hyp), 0.0), tuple(shape))
 
 
 def expand(factors: Factors, shape: tuple[int, ...]) -> np.ndarray:

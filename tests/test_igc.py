@@ -31,11 +31,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
 def product(rng, out_ch: int, in_ch: int, kernel: tuple[int, ...], hyp: interleave.Hypothesis
             ) -> np.ndarray:
     """A random weight that is exactly the two-factor product ``hyp``."""
-    first = rng.standard_normal((hyp.channels_between, in_ch // hyp.in_groups, *kernel))
-    second = rng.standard_normal((out_ch, hyp.in_groups * hyp.rank)) / math.sqrt(
-        hyp.in_groups * hyp.rank)
-    factors = interleave.Factors(hyp, first, second, interleave.interleave(hyp), 0.0)
-    return interleave.expand(factors, (out_ch, in_ch, *kernel))
+    return interleave.random_product(rng, (out_ch, in_ch, *kernel), hyp)
 
 
 def _permutation(rng, size: int) -> tuple[int, ...]:

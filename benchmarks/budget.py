@@ -21,6 +21,7 @@ import datetime
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.35])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="the families the budget may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("BUDGET_RESNET18.md"))
     args = parser.parse_args(argv)
 
@@ -59,13 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         for fit in ("data", "weights"):
             started = time.perf_counter()
             new, report = sconv_onnx.optimize(model, calib_data=calib, target_macs=target,
-                                              alpha_fit=fit, min_agreement=0)
+                                              alpha_fit=fit, min_agreement=0,
+                                              families=args.families)
             seconds = time.perf_counter() - started
             held = accuracy_proxy(reference, run_batches(new, held_out))
             timing = bench([model, new], held_out[0], names=["original", "budget"],
                            threads=args.threads, runs=args.runs, warmup=5)
             rows.append([
                 f"{target:g}", fit, f"{len(report.plan.rewritten)}/{len(report.plan.layers)}",
+                ", ".join(f"{name} {count}" for name, count in sorted(
+                    Counter(layer.family for layer in report.plan.rewritten).items())),
                 (f"{human(report.before.macs)} -> {human(report.after.macs)} "
                 f"({report.after.macs / report.before.macs:.3f})"),
                 f"{report.calibration['rel_error']:.3f}", f"{held['rel_error']:.3f}",
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{timing.ratios[1]:.3f}", f"{seconds:.0f}",
             ])
             print(" | ".join(rows[-1]), flush=True)
-    header = ["target", "alpha fit", "layers rewritten", "MACs", "rel. error, calibration images",
+    header = ["target", "alpha fit", "layers rewritten", "families", "MACs", "rel. error, calibration images",
               "rel. error, other images", "latency ms", "ratio", "optimize s"]
     lines = ["| " + " | ".join(row) + " |" for row in [header] + rows]
     lines.insert(1, "|" + "---|" * len(header))

@@ -34,7 +34,8 @@ from sconv_onnx.verify import random_feeds
 
 MODES = ("cost", "measured", "all")
 DEFAULT_MODELS = ("struct_resnet18_a", "struct_resnet18_b", "struct_resnet50_a",
-                  "struct_mobilenetv2", "struct_audio1d", "igc_resnet18", "igc_resnet18_strided")
+                  "struct_mobilenetv2", "struct_audio1d", "igc_resnet18", "igc_resnet18_strided",
+                  "igcv2_resnet18")
 
 
 def search_seconds(model: onnx.ModelProto, tol: float = sconv_onnx.DEFAULT_TOL) -> float:

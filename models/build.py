@@ -19,6 +19,7 @@ from .common import SIZES
 from .resnet import (
     IGC_RESNET18,
     IGC_RESNET18_STRIDED,
+    IGCV2_RESNET18,
     STRUCT_RESNET18_A,
     STRUCT_RESNET18_B,
     STRUCT_RESNET50_A,
@@ -30,7 +31,8 @@ from .resnet import (
 MODELS = {
     module.NAME: module
     for module in (STRUCT_RESNET18_A, STRUCT_RESNET18_B, STRUCT_RESNET50_A,
-                   struct_mobilenetv2, struct_audio1d, IGC_RESNET18, IGC_RESNET18_STRIDED)
+                   struct_mobilenetv2, struct_audio1d, IGC_RESNET18, IGC_RESNET18_STRIDED,
+                   IGCV2_RESNET18)
 }
 
 

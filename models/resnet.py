@@ -146,6 +146,14 @@ def interleaved_strided(channels: int, out_channels: int, kernel: tuple[int, ...
                                strided=True)
 
 
+def chained(channels: int, out_channels: int, kernel: tuple[int, ...]) -> interleave.Hypothesis:
+    """IGC-V2's shape: a depthwise 3x3, then a 1x1 pair of G1 = 2 and G2 = 2 groups with
+    R = O/8 (``M = O/2`` channels between); it costs ``(9 C + O/4 (C + O)) / (9 C O)`` of the
+    3x3's MACs (0.07 at C = O = 64, 0.06 at 512), and at full width the 1x1 convs
+    have 16 or more channels per group."""
+    return interleave.Hypothesis(2, 2, max(1, out_channels // 8), depthwise=True)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One benchmark ResNet: depth and structure rules.
@@ -196,3 +204,6 @@ STRUCT_RESNET50_A = Variant("struct_resnet50_a", (3, 4, 6, 3), True, all_channel
 IGC_RESNET18 = Variant("igc_resnet18", (2, 2, 2, 2), False, interleaved)
 #: :data:`IGC_RESNET18` with strided output groups (the rewrite ends in a permutation).
 IGC_RESNET18_STRIDED = Variant("igc_resnet18_strided", (2, 2, 2, 2), False, interleaved_strided)
+#: ResNet-18, every 3x3 conv a chain of three factors (:func:`chained`: depthwise 3x3, then
+#: 1x1 convs of 2 groups with an interleave); stem, 1x1 downsamples and fc plain.
+IGCV2_RESNET18 = Variant("igcv2_resnet18", (2, 2, 2, 2), False, chained)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rounding import assert_within_rounding, layer_depth
 
 import sconv_onnx
-from sconv_onnx import cost, interleave
+from sconv_onnx import chains, cost, interleave
 from sconv_onnx.verify import random_feeds
 
 EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200")) // 2
@@ -90,28 +90,45 @@ def test_random_and_nearly_structured_weights_have_no_candidate():
 
 @st.composite
 def igc_specs(draw):
-    """A Conv whose weight is a two-factor product: geometry as the box family's property
-    tests draw it, the layout (G1, G2, R, order) drawn too."""
+    """A Conv whose weight is an interleaved product: geometry as the box family's property
+    tests draw it; the layout drawn too: two factors (G1, G2, R, order), or a chain with
+    a depthwise first factor and one dense 1x1 conv, two group convs or three; the
+    original conv of one group or two."""
     rank = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["pair", "depthwise + 1x1", "depthwise + pair",
+                                 "depthwise + inner"]))
+    low = 2 if kind != "pair" else 1  # a depthwise factor needs two taps to be seen
     kernel = tuple(draw(st.sampled_from([1, 2, 3] if rank == 3 else [1, 2, 3, 5]))
                    for _ in range(rank))
+    if math.prod(kernel) < low:
+        kernel = (2, *kernel[1:])
+    groups = draw(st.sampled_from([1, 1, 2]))
     g1, g2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     if g1 * g2 == 1:
         g2 = 2
     paths = draw(st.integers(1, 2))
-    in_ch = g1 * draw(st.integers(1, 4))
-    out_ch = g2 * draw(st.integers(2, 4))
+    inner, inner_g1 = None, 1
+    if kind == "depthwise + inner":  # the first 1x1 conv (G G1 groups of C/G1 -> G2) factored
+        inner_g1, paths = draw(st.integers(1, 2)), 1
+        g2 = 2 * draw(st.integers(1, 2))  # its outputs per group, G2, split in 2 groups
+        inner = interleave.Hypothesis(inner_g1, 2, 1, groups=groups * g1)
+    in_ch = g1 * inner_g1 * draw(st.integers(1, 4))  # per group
+    out_ch = groups * g2 * draw(st.integers(2, 4))
     taps = math.prod(kernel)
-    order = draw(st.sampled_from(["contiguous", "strided", "permuted"]))
+    orders = ["contiguous", "strided"] + (["permuted"] if kind == "pair" and groups == 1 else [])
+    order = draw(st.sampled_from(orders))
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     out_order = in_order = None
-    if order == "strided" and 1 < g2 < out_ch:
-        out_order = interleave.strided_order(out_ch, g2)
+    if order == "strided" and 1 < g2 < out_ch // groups and kind != "depthwise + 1x1":
+        out_order = interleave.strided_order(out_ch, g2, groups)
     elif order == "permuted" and taps > 1:
         paths = 1  # recovered for R = 1 only
         out_order, in_order = _permutation(rng, out_ch), _permutation(rng, in_ch)
-    hyp = interleave.Hypothesis(g1, g2, paths, out_order, in_order, strided=order == "strided")
+    hyp = interleave.Hypothesis(
+        *((1, 1, 0) if kind == "depthwise + 1x1" else (g1, g2, paths)), out_order, in_order,
+        strided=order == "strided" and out_order is not None, groups=groups,
+        depthwise=kind != "pair", inner=inner)
     strides = tuple(draw(st.integers(1, 2)) for _ in range(rank))
     dilations = tuple(draw(st.integers(1, 2)) for _ in range(rank))
     extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
@@ -123,7 +140,7 @@ def igc_specs(draw):
         pads = tuple(begin + begin)
     elif pad_mode == "SAME_UPPER" and all(d == 1 for d in dilations):
         auto_pad = pad_mode
-    spec = ConvSpec(in_per_group=in_ch, out_channels=out_ch, group=1, kernel=kernel,
+    spec = ConvSpec(in_per_group=in_ch, out_channels=out_ch, group=groups, kernel=kernel,
                     spatial=spatial, strides=strides, dilations=dilations, pads=pads,
                     auto_pad=auto_pad, bias=draw(st.booleans()), opset=draw(st.integers(11, 21)),
                     seed=seed)
@@ -259,7 +276,8 @@ def test_the_screen_never_bounds_a_layout_above_its_least_rank(drawn):
     total = float(np.sum(weight**2))
     rng = np.random.default_rng(spec.seed)
     noisy = weight + 1e-5 * np.sqrt(total / weight.size) * rng.standard_normal(weight.shape)
-    for layout in [dataclasses.replace(hyp, rank=0), *interleave.layouts(out_ch, in_ch)[:8]]:
+    own = [] if hyp.depthwise else [dataclasses.replace(hyp, rank=0)]
+    for layout in [*own, *interleave.layouts(out_ch, in_ch, spec.group)[:8]]:
         per_rank = dataclasses.replace(layout, rank=1).params(out_ch, in_ch, taps)
         limit = -(-weight.size // per_rank)
         if limit <= 1:
@@ -270,3 +288,121 @@ def test_the_screen_never_bounds_a_layout_above_its_least_rank(drawn):
             bound = interleave.rank_bound(w, layout, limit, float(np.sum(w**2)), 1e-4)
             if full is not None:
                 assert bound is not None and bound <= full[0], (layout, bound, full)
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+def test_a_chain_of_four_factors_is_found_and_rewritten_to_four_convs():
+    """IGC-V2's shape: a depthwise 3x3, then three 1x1 group convs with shuffles (the first
+    two the inner layout of the pair's first conv); it has the fewest weights, so
+    ``select="all"`` writes it."""
+    rng = np.random.default_rng(14)
+    hyp = interleave.Hypothesis(4, 4, 1, depthwise=True, inner=interleave.Hypothesis(2, 2, 1, groups=4))
+    weight = product(rng, 32, 32, (3, 3), hyp)
+    found = chains.search(weight, 1e-6)
+    assert found[0] == hyp and found[0].residual < 1e-12
+    new, report = sconv_onnx.optimize(_conv_model(weight), select="all", families=["igc"])
+    [layer] = report.plan.layers
+    assert layer.rewritten and layer.chosen.label.startswith("depthwise + G1=4 G2=4 R=1 (first")
+    convs = [node for node in new.graph.node if node.op_type == "Conv"]
+    assert [_attrs(node)["group"] for node in convs] == [32, 8, 8, 4]
+    assert [node.op_type for node in new.graph.node].count("Gather") == 2  # two interleaves
+    assert _float_weights(new) <= hyp.params(32, 32, 9)
+    assert report.max_rel_error < 1e-5
+
+
+def test_a_grouped_conv_factors_group_by_group():
+    rng = np.random.default_rng(15)
+    hyp = interleave.Hypothesis(2, 2, 1, interleave.strided_order(32, 2, 2), strided=True, groups=2)
+    weight = product(rng, 32, 8, (3, 3), hyp)
+    assert hyp in interleave.search(weight, 1e-6, groups=2)
+    spec = ConvSpec(in_per_group=8, out_channels=32, group=2, kernel=(3, 3), spatial=(9, 9),
+                    pads=(1, 1, 1, 1))
+    model = make_model(spec, weight)
+    new, report = sconv_onnx.optimize(model, select="all", families=["igc"])
+    [layer] = report.plan.layers
+    assert layer.rewritten and "per group of 2" in layer.chosen.label
+    assert _float_weights(new) <= hyp.params(32, 8, 9) + 32
+    feeds = random_feeds(model, {"x": spec.input_shape}, seed=0)
+    assert_within_rounding(model, new, feeds, layer_depth(model), layer.chosen.rounding_depth)
+
+
+def test_the_default_selection_takes_a_depthwise_chain_whose_groups_are_whole_blocks():
+    rng = np.random.default_rng(16)
+    hyp = interleave.Hypothesis(2, 2, 8, depthwise=True)  # 1x1 convs of 64 -> 16, 16 -> 64
+    weight = product(rng, 128, 128, (3, 3), hyp)
+    spec = ConvSpec(in_per_group=128, out_channels=128, group=1, kernel=(3, 3), spatial=(14, 14),
+                    pads=(1, 1, 1, 1))
+    _, report = sconv_onnx.optimize(make_model(spec, weight))
+    [layer] = report.plan.layers
+    assert layer.rewritten and layer.family == "igc" and layer.chosen.label.startswith("depthwise")
+    assert report.after.macs < 0.2 * report.before.macs
+    assert report.max_rel_error < 1e-5
+
+
+def test_random_weights_have_no_chain_and_separable_ones_do():
+    rng = np.random.default_rng(17)
+    assert chains.search(rng.standard_normal((32, 16, 3, 3)), 1e-4) == []
+    separable = rng.standard_normal((32, 16))[:, :, None, None] * rng.standard_normal((16, 1, 3, 3)
+                                                                                      ).transpose(1, 0, 2, 3)
+    found = chains.search(separable, 1e-6)
+    # a random 1x1 rest is no pair: the depthwise conv and one dense 1x1 conv, alone
+    assert found == [interleave.Hypothesis(1, 1, 0, depthwise=True)]
+    assert found[0].residual < 1e-12
+    noisy = separable + 1e-2 * rng.standard_normal(separable.shape)
+    assert chains.search(noisy, 1e-4) == []
+
+
+def test_measured_selection_times_the_layouts_on_the_layer_alone():
+    """``select="measured"`` times the family's candidates in onnxruntime (its ``measure``
+    hook): the decision says so, whatever the timing (no speed is asserted)."""
+    rng = np.random.default_rng(18)
+    weight = product(rng, 64, 64, (3, 3), interleave.Hypothesis(2, 2, 1, depthwise=True))
+    spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(3, 3), spatial=(8, 8),
+                    pads=(1, 1, 1, 1))
+    _, report = sconv_onnx.optimize(make_model(spec, weight), select="measured", families=["igc"])
+    [layer] = report.plan.layers
+    assert layer.decided_by == "measured" and "measured" in layer.reason, layer.reason
+    assert report.verified
+
+
+def test_budget_fits_are_exact_on_products_and_the_data_aware_one_fits_the_data_better():
+    from sconv_onnx.passes import igc_budget
+
+    rng = np.random.default_rng(19)
+    hyp = interleave.Hypothesis(2, 2, 4)
+    exact = product(rng, 32, 32, (3, 3), hyp)
+    # patches whose features are correlated within each input group (144 features) and not
+    # across: there the per-group metric is the whole one, and its fit the best on the data
+    mixing = np.zeros((288, 288))
+    for start in (0, 144):
+        mixing[start:start + 144, start:start + 144] = rng.standard_normal((144, 144))
+    patches = rng.standard_normal((2000, 288)) @ mixing
+    assert igc_budget.fit(exact, hyp, patches).residual < 1e-8
+    weight = rng.standard_normal((32, 32, 3, 3))
+    plain, fitted = igc_budget.fit(weight, hyp, None), igc_budget.fit(weight, hyp, patches)
+    assert plain.residual < fitted.residual  # the weight-space fit is nearest in weights ...
+    assert (igc_budget.output_error(weight, fitted, patches)
+            < igc_budget.output_error(weight, plain, patches))  # ... the other on the data
+
+
+def test_a_budget_can_take_an_approximate_product(tmp_path):
+    """On a dense conv of random weights, a MAC budget forced to 0.5 with only the igc
+    family gets there by approximate products, fitted on the calibration data, written
+    as their factors (the model verifies against the plan's own error)."""
+    rng = np.random.default_rng(20)
+    spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(3, 3), spatial=(8, 8),
+                    pads=(1, 1, 1, 1))
+    model = make_model(spec, rng.standard_normal((64, 64, 3, 3)).astype(np.float32))
+    calib = {"x": rng.standard_normal((8, *spec.input_shape[1:])).astype(np.float32)}
+    new, report = sconv_onnx.optimize(model, families=["igc"], target_macs=0.5, calib_data=calib,
+                                      min_agreement=0, max_error=10.0)  # forced: no bound
+    [layer] = report.plan.layers
+    assert layer.rewritten and layer.chosen.approximate and layer.family == "igc"
+    assert report.after.macs <= 0.5 * report.before.macs
+    assert [node.op_type for node in new.graph.node].count("Conv") == 2
+    assert 0 < layer.output_error < 1

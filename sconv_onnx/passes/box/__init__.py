@@ -43,21 +43,11 @@ class BoxFamily(Family):
 
     def measure(self, site: Site, trials, timer) -> list[float] | None:
         """Conv layers with known shapes, timed alone (:mod:`.timing`)."""
-        if not isinstance(site, conv.ConvSite) or not site.geometry.in_spatial:
+        if not isinstance(site, conv.ConvSite):
             return None
-        holder: dict = {}
-
-        def original():
-            holder["model"] = timing.single_layer_model(site)
-            return holder["model"]
-
-        def variant(candidate, shared):
-            return lambda: timing.rewritten_layer_model(site, holder["model"], candidate, shared)
-
-        return timer.ratios(
-            (timing.signature(site, None, ()), original),
-            [(timing.signature(site, candidate, shared), variant(candidate, shared))
-             for candidate, shared in trials])
+        return timing.measure_alone(
+            site, trials, timer, timing.rewritten_layer_model,
+            key=lambda candidate: (candidate.payload.structure.sizes, candidate.payload.lowering))
 
     def calibration(self, site: Site, seed: int) -> CalibrationRequest | None:
         return calibrate.request(site, seed)

@@ -16,6 +16,7 @@ close to its cost inside the network:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import onnx
@@ -71,34 +72,66 @@ def _pooled_shape(site: ConvSite, lowered: ConvLowered, kind: str) -> list[int]:
     return [1, lowered.small_channels, *spatial]
 
 
-def rewritten_layer_model(site: ConvSite, original: onnx.ModelProto, candidate: Candidate,
-                          shared: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """The single-layer model rewritten with ``candidate``; the pools whose kinds are in
-    ``shared`` become graph inputs ``shared_<n>``."""
+def emitted_layer_model(site: ConvSite, original: onnx.ModelProto,
+                        write: Callable[[ConvSite, Emitter, gs.Graph], None]) -> onnx.ModelProto:
+    """The single-layer model ``original`` (:func:`single_layer_model`) with its layer
+    rewritten by ``write(layer_site, emitter, graph)``: any family's emit, on a site of
+    that model (no BatchNormalization: its weight is the site's, folded)."""
     graph = gs.import_onnx(original)
     node = next(n for n in graph.nodes if n.name == "layer")
     layer_site = dataclasses.replace(site, graph=graph, node=node, batchnorm=None)
-    emitter = Emitter(graph, copy=False)
-    lowered = ConvLowered.of(layer_site, candidate.payload.structure, candidate.payload.lowering)
-    inputs = {}
-    for index, kind in enumerate(sorted(shared)):
-        tensor = gs.Variable(f"shared_{index}", site.weight.dtype, _pooled_shape(site, lowered, kind))
-        emitter.provide(lowered.keys[kind], tensor)
-        inputs[kind] = tensor
-    # the spatial pool alone feeds the conv when both are shared
-    graph.inputs.extend(tensor for kind, tensor in inputs.items()
-                        if not (kind == "channel pool" and "spatial pool" in inputs))
-    emit(layer_site, candidate.payload, emitter)
+    write(layer_site, Emitter(graph, copy=False), graph)
     model = gs.export_onnx(graph, do_type_check=False)
     restore_model_fields(original, model)
     return model
 
 
-def signature(site: ConvSite, candidate: Candidate | None, shared: tuple[str, ...],
-              ) -> tuple:
-    """What a single-layer timing depends on (the original layer's when ``candidate`` is None)."""
-    geometry = (site.geometry, str(site.weight.dtype), site.opset, site.bias_size > 0)
-    if candidate is None:
-        return geometry
-    choice = candidate.payload
-    return geometry + (choice.structure.sizes, choice.lowering, tuple(sorted(shared)))
+def rewritten_layer_model(site: ConvSite, original: onnx.ModelProto, candidate: Candidate,
+                          shared: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """The single-layer model rewritten with ``candidate``; the pools whose kinds are in
+    ``shared`` become graph inputs ``shared_<n>``."""
+
+    def write(layer_site: ConvSite, emitter: Emitter, graph: gs.Graph) -> None:
+        lowered = ConvLowered.of(layer_site, candidate.payload.structure,
+                                 candidate.payload.lowering)
+        inputs = {}
+        for index, kind in enumerate(sorted(shared)):
+            tensor = gs.Variable(f"shared_{index}", site.weight.dtype,
+                                 _pooled_shape(site, lowered, kind))
+            emitter.provide(lowered.keys[kind], tensor)
+            inputs[kind] = tensor
+        # the spatial pool alone feeds the conv when both are shared
+        graph.inputs.extend(tensor for kind, tensor in inputs.items()
+                            if not (kind == "channel pool" and "spatial pool" in inputs))
+        emit(layer_site, candidate.payload, emitter)
+
+    return emitted_layer_model(site, original, write)
+
+
+def measure_alone(site: ConvSite, trials: list[tuple[Candidate, tuple[str, ...]]], timer,
+                  variant: Callable[[ConvSite, onnx.ModelProto, Candidate, tuple[str, ...]],
+                                    onnx.ModelProto],
+                  key: Callable[[Candidate], Hashable]) -> list[float] | None:
+    """Each trial's time over the original layer's, the layer timed alone (module doc):
+    ``variant(site, original, candidate, shared)`` builds a candidate's model, ``key``
+    says what its timing depends on besides the layer; None without known shapes."""
+    if not site.geometry.in_spatial:
+        return None
+    holder: dict = {}
+
+    def original():
+        holder["model"] = single_layer_model(site)
+        return holder["model"]
+
+    def build(candidate, shared):
+        return lambda: variant(site, holder["model"], candidate, shared)
+
+    return timer.ratios(
+        (signature(site), original),
+        [(signature(site) + (key(candidate), tuple(sorted(shared))), build(candidate, shared))
+         for candidate, shared in trials])
+
+
+def signature(site: ConvSite) -> tuple:
+    """What the original layer's timing depends on (a candidate's adds what it writes)."""
+    return (site.geometry, str(site.weight.dtype), site.opset, site.bias_size > 0)

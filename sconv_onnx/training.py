@@ -35,6 +35,19 @@ and the Structural Regularization term is
 (dimensionless: each layer's relative distance from its structure, in
 ``[0, 1]``).  Only the small ``K_m x K_m`` projectors are built, never the
 dense ``prod(K) x prod(K)`` one.
+
+Interleaved group convolutions (:mod:`sconv_onnx.interleave`) are a second
+structure: an :class:`InterleavedRule` (or an override with an
+:class:`~sconv_onnx.interleave.Hypothesis`) gives a conv a two-factor layout
+(G1, G2, R).  Its distance is the blocks' tail energy beyond rank ``R``,
+
+    ||W - nearest product||_F / ||W||_F = sqrt(sum_blocks sum_{i > R} s_i^2) / ||W||_F
+
+(``s_i`` the singular values of the block from input group ``g`` to output
+group ``j``; ``torch.linalg.svdvals``, whose gradients are stable), and the
+projection is the blocks' truncated SVD, the same fit the rewrite makes::
+
+    spec = StructureSpec([InterleavedRule(kernel=3, in_groups=4, out_groups=2)])
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import chains, interleave
+from .interleave import Hypothesis
 from .structure import box_basis, box_pinv
 
 #: Layer kinds a :class:`Rule` can name.
@@ -124,6 +139,70 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class InterleavedRule:
+    """Convs given a two-factor interleaved layout (IGC-V1; :mod:`sconv_onnx.interleave`).
+
+    Attributes:
+        kernel, min_in: which convs, as for :class:`Rule` (a conv matches only
+            when ``in_groups`` divides its input channels per group and
+            ``out_groups`` its output channels per group).
+        in_groups: G1, the first (KxK) group conv's groups.
+        out_groups: G2, the second (1x1) group conv's groups.
+        rank_ratio: R as a fraction of ``O / (G G1 G2)`` (``G`` the conv's groups),
+            rounded, at least 1: at
+            1 the channels between are as many as the outputs (``M = O``); the
+            weights are ``R (G2 C t + G1 O)`` against ``O C t``.
+        strided: output groups strided (channels ``j, j + G2, ..``) instead of
+            contiguous.
+    """
+
+    kernel: int | tuple[int, ...] | None = None
+    min_in: int = 1
+    in_groups: int = 4
+    out_groups: int = 2
+    rank_ratio: float = 0.5
+    strided: bool = False
+
+    def __post_init__(self):
+        if self.in_groups < 1 or self.out_groups < 1 or self.in_groups * self.out_groups == 1:
+            raise ValueError("in_groups and out_groups must be at least 1 and not both 1, not "
+                             f"{self.in_groups} and {self.out_groups}")
+        if not 0.0 < self.rank_ratio <= 1.0:
+            raise ValueError(f"rank_ratio must be in (0, 1], not {self.rank_ratio}")
+
+    def matches(self, kind: str, weight_shape: Sequence[int], groups: int = 1) -> bool:
+        out_per_group = weight_shape[0] // groups
+        return (Rule("conv", self.kernel, self.min_in).matches(kind, weight_shape)
+                and weight_shape[1] % self.in_groups == 0 and out_per_group % self.out_groups == 0)
+
+    def structure(self, weight_shape: Sequence[int], groups: int = 1) -> Hypothesis:
+        """The layout this rule gives a conv weight of ``weight_shape`` and ``groups``."""
+        out_ch = weight_shape[0]
+        per_path = out_ch // (groups * self.in_groups * self.out_groups)
+        rank = max(1, round(self.rank_ratio * per_path))
+        strided = self.strided and 1 < self.out_groups < out_ch // groups  # else: in order
+        order = interleave.strided_order(out_ch, self.out_groups, groups) if strided else None
+        return Hypothesis(self.in_groups, self.out_groups, rank, order, strided=strided,
+                          groups=groups)
+
+
+#: A layer's structure: box sizes ``(c, n_1, .., n_r)`` or an interleaved layout.
+Structure = tuple[int, ...] | Hypothesis
+
+
+def _check_layout(hyp: Hypothesis, weight_shape: Sequence[int], groups: int, where: str
+                  ) -> Hypothesis:
+    """``hyp`` after checking it is a two-factor layout that divides a conv's channels."""
+    out_ch, in_ch = weight_shape[:2]
+    if (hyp.depthwise or hyp.inner is not None or hyp.groups != groups
+            or in_ch % hyp.in_groups or out_ch % (groups * hyp.out_groups) or hyp.rank < 1):
+        raise ValueError(f"{where}layout {hyp.label()} does not fit a conv weight "
+                         f"{tuple(weight_shape)} of {groups} group(s): need a two-factor layout "
+                         "whose groups divide its channels")
+    return hyp
+
+
+@dataclass(frozen=True)
 class StructureSpec:
     """The structure of each layer of a model: rules, then per-layer overrides.
 
@@ -135,8 +214,8 @@ class StructureSpec:
     Example: ``StructureSpec([Rule("conv", kernel=3, n=2)], {"head": (32,)})``.
     """
 
-    rules: Sequence[Rule] = ()
-    overrides: Mapping[str, Sequence[int] | None] = field(default_factory=dict)
+    rules: Sequence[Rule | InterleavedRule] = ()
+    overrides: Mapping[str, Sequence[int] | Hypothesis | None] = field(default_factory=dict)
 
     @classmethod
     def paper(cls, overrides: Mapping[str, Sequence[int] | None] | None = None) -> StructureSpec:
@@ -148,22 +227,30 @@ class StructureSpec:
         ]
         return cls(rules, dict(overrides or {}))
 
-    def sizes_for(self, name: str, module: nn.Module) -> tuple[int, ...] | None:
-        """Underlying sizes of one layer, or None when it is unsupported or unstructured."""
+    def sizes_for(self, name: str, module: nn.Module) -> Structure | None:
+        """The structure of one layer (underlying sizes, or an interleaved layout), or None
+        when it is unsupported or unstructured."""
         kind = layer_kind(module)
         if kind is None:
             return None
         shape = tuple(module.weight.shape)
+        groups = getattr(module, "groups", 1)
         if name in self.overrides:
             wanted = self.overrides[name]
+            if isinstance(wanted, Hypothesis):
+                return _check_layout(wanted, shape, groups, f"override {name}: ")
             sizes = None if wanted is None else check_sizes(wanted, shape, f"override {name}: ")
         else:
-            rule = next((rule for rule in self.rules if rule.matches(kind, shape)), None)
+            rule = next((rule for rule in self.rules if (
+                rule.matches(kind, shape, groups) if isinstance(rule, InterleavedRule)
+                else rule.matches(kind, shape))), None)
+            if isinstance(rule, InterleavedRule):
+                return rule.structure(shape, groups)
             sizes = None if rule is None else rule.sizes(shape)
         return None if sizes == shape[1:] else sizes
 
-    def assign(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
-        """``{module name: sizes}`` for every structured layer of ``model``.
+    def assign(self, model: nn.Module) -> dict[str, Structure]:
+        """``{module name: structure}`` for every structured layer of ``model``.
 
         Raises ValueError when an override names no supported layer (a typo).
         """
@@ -217,6 +304,49 @@ def structure_residual(weight: torch.Tensor, sizes: Sequence[int]) -> torch.Tens
     return distance / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
+def interleaved_blocks(weight: torch.Tensor, hyp: Hypothesis) -> torch.Tensor:
+    """The torch twin of :func:`sconv_onnx.interleave.blocks`: ``G G2 x G1 x O/(G G2) x
+    C t/G1`` (differentiable, in ``weight``'s dtype)."""
+    w = weight
+    if hyp.out_order is not None:
+        w = w[list(hyp.out_order)]
+    if hyp.in_order is not None:
+        w = w[:, list(hyp.in_order)]
+    g1, g2 = hyp.in_groups, hyp.groups * hyp.out_groups
+    return w.reshape(g2, w.shape[0] // g2, g1, -1).transpose(1, 2)
+
+
+def interleaved_residual(weight: torch.Tensor, hyp: Hypothesis) -> torch.Tensor:
+    """``||W - nearest product||_F / ||W||_F`` at the two-factor layout ``hyp`` (module doc;
+    a 0-d tensor in ``[0, 1]``, 0 for an all-zero weight); differentiable."""
+    if hyp.depthwise or hyp.inner is not None:
+        raise ValueError(f"{hyp.label()} is a chain: only two-factor layouts are regularized")
+    singular = torch.linalg.svdvals(interleaved_blocks(weight, hyp))
+    tail = torch.sum(singular[..., hyp.rank:] ** 2)
+    tiny = torch.finfo(weight.dtype).tiny
+    return torch.sqrt(tail.clamp_min(tiny)) / torch.linalg.vector_norm(weight).clamp_min(tiny)
+
+
+def project_interleaved(weight: torch.Tensor, hyp: Hypothesis) -> torch.Tensor:
+    """The nearest product at ``hyp`` (any layout, chains too): the factors the rewrite
+    computes (:func:`sconv_onnx.chains.factor`), multiplied out; float64 inside."""
+    w = weight.detach().cpu().double().numpy()
+    projected = interleave.expand(chains.factor(w, hyp), w.shape)
+    return torch.as_tensor(projected, dtype=weight.dtype, device=weight.device)
+
+
+def _residual(weight: torch.Tensor, structure: Structure) -> torch.Tensor:
+    if isinstance(structure, Hypothesis):
+        return interleaved_residual(weight, structure)
+    return structure_residual(weight, structure)
+
+
+def _project(weight: torch.Tensor, structure: Structure) -> torch.Tensor:
+    if isinstance(structure, Hypothesis):
+        return project_interleaved(weight, structure)
+    return project_weight(weight, structure)
+
+
 class StructuralRegularizer:
     """``strength * sum_layers ||(I - P) W||_F / ||W||_F`` over the layers a spec assigns.
 
@@ -232,7 +362,7 @@ class StructuralRegularizer:
 
     def residuals(self) -> dict[str, torch.Tensor]:
         """Each layer's relative residual (differentiable 0-d tensors)."""
-        return {name: structure_residual(module.weight, self.sizes[name])
+        return {name: _residual(module.weight, self.sizes[name])
                 for name, module in self.layers.items()}
 
     def penalty(self) -> torch.Tensor:
@@ -253,7 +383,7 @@ class StructuralRegularizer:
         """
         before = {name: float(value) for name, value in self.residuals().items()}
         for name, module in self.layers.items():
-            module.weight.copy_(project_weight(module.weight, self.sizes[name]))
+            module.weight.copy_(_project(module.weight, self.sizes[name]))
         return before
 
 
@@ -270,11 +400,14 @@ def projection(model: nn.Module, spec: StructureSpec) -> dict[str, float]:
 
 __all__ = [
     "KINDS",
+    "InterleavedRule",
     "Rule",
     "StructuralRegularizer",
     "StructureSpec",
     "check_sizes",
+    "interleaved_residual",
     "layer_kind",
+    "project_interleaved",
     "project_weight",
     "projection",
     "structural_regularization",

@@ -480,6 +480,32 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
             found.append(Structure(sizes, 0.0))
             continue
         residual = _residual(grams[sizes[0]], _spatial_projector(kernel, sizes[1:]), norm_sq)
-        if residual <= tol:
+        if residual <= tol and not by_chance(residual, weight.shape, sizes):
             found.append(Structure(sizes, residual))
     return found
+
+
+#: A structure is not claimed when a random weight would come as close this often.
+CHANCE = 1e-6
+
+
+def by_chance(residual: float, shape: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+    """Whether a random weight of ``shape`` would lie within ``residual`` of the structure
+    ``sizes`` more often than :data:`CHANCE`.
+
+    The structure leaves ``k = O (prod(shape[1:]) - prod(sizes))`` of the ``N`` weight
+    dimensions out; a random weight's relative distance ``r`` from it has ``r^2 ~
+    Beta(k/2, (N-k)/2)``, so ``P(r <= rho)`` is about ``(rho sqrt(N/k))^k`` for small
+    ``rho``.  With few constraints that is not small: a 756-feature MatMul to one output at
+    ``c = 755`` (``k = 1``) is within ``1e-4`` of its structure by chance once in about
+    400 random weights, and the fuzz tests found such a weight, whose rewrite then
+    failed verification (the output is one dot product, far smaller than the weight's
+    norm times the input's).  Three or more constraints make a chance fit at any
+    useful tolerance negligible.
+    """
+    total = math.prod(shape)
+    left_out = shape[0] * (math.prod(shape[1:]) - math.prod(sizes))
+    if left_out <= 0 or residual <= 0:
+        return False
+    log_chance = left_out * (math.log(residual) + 0.5 * math.log(total / left_out))
+    return log_chance > math.log(CHANCE)

@@ -103,3 +103,20 @@ def test_search_finds_channel_structure_of_a_wide_layer():
     best = S.search(weight, 1e-4)[0]
     assert best.sizes == (128, 2, 2)
     assert best.residual < 1e-6
+
+
+def test_a_structure_a_random_weight_would_fit_by_chance_is_not_claimed():
+    """One output of 756 features at ``c = 755`` leaves one constraint: a random weight is
+    within 1e-4 of it once in about 400 draws (the graph fuzz tests drew one, whose
+    rewrite failed verification).  Such a weight is not claimed; the same weight with
+    four outputs (four constraints) or exactly structured is."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((1, 756))
+    basis = S.box_basis(756, 755)
+    null = np.linalg.svd(basis.T)[2][-1]  # the one direction the structure leaves out
+    weight -= (weight @ null - 5e-5 * np.linalg.norm(weight)) * null  # 5e-5 off it
+    assert S.relative_residual(weight, (755,)) == pytest.approx(5e-5, rel=1e-3)
+    assert [s.sizes for s in S.search(weight, 1e-4)] == [(756,)]  # the trivial one only
+    assert S.by_chance(5e-5, (1, 756), (755,)) and not S.by_chance(5e-5, (4, 756), (755,))
+    exact = S.expand(rng.standard_normal((1, 755)), (1, 756)).astype(np.float32)
+    assert (755,) in [s.sizes for s in S.search(exact, 1e-4)]

@@ -503,9 +503,14 @@ def by_chance(residual: float, shape: tuple[int, ...], sizes: tuple[int, ...]) -
     norm times the input's).  Three or more constraints make a chance fit at any
     useful tolerance negligible.
     """
-    total = math.prod(shape)
-    left_out = shape[0] * (math.prod(shape[1:]) - math.prod(sizes))
+    return chance_fit(residual, math.prod(shape), shape[0] * (math.prod(shape[1:]) - math.prod(sizes)))
+
+
+def chance_fit(residual: float, dimensions: int, left_out: int) -> bool:
+    """Whether a random point of ``dimensions`` dimensions lies within relative distance
+    ``residual`` of a set that leaves ``left_out`` of them out more often than
+    :data:`CHANCE` (:func:`by_chance`)."""
     if left_out <= 0 or residual <= 0:
         return False
-    log_chance = left_out * (math.log(residual) + 0.5 * math.log(total / left_out))
+    log_chance = left_out * (math.log(residual) + 0.5 * math.log(dimensions / left_out))
     return log_chance > math.log(CHANCE)

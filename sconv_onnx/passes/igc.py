@@ -13,7 +13,9 @@ chains with a depthwise first factor) becomes its stages, first to last:
 
 A conv of several groups factors each group alike (``G G1`` and ``G G2``
 groups).  Candidates are exact structures within the tolerance (no
-calibration data needed).  Their cost counts every node: the Gathers move
+calibration data needed), and not ones that a random weight would fit as
+closely by chance (:func:`~sconv_onnx.structure.by_chance`, the layout's
+weights counted as its dimensions).  Their cost counts every node: the Gathers move
 each element once (their int64 indices count among the params, not among
 the weights), and a 2-D grouped conv whose channels per group are not whole
 NCHWc blocks pays :data:`~sconv_onnx.cost.UNBLOCKED` per MAC (the block is
@@ -38,7 +40,7 @@ import numpy as np
 
 from .. import chains, cost, interleave
 from ..plan import Candidate, Part
-from ..structure import effective_tol
+from ..structure import chance_fit, effective_tol
 from . import igc_budget
 from .base import CalibrationRequest, Emitter, Family, Site
 from .batchnorm import apply_fold, take_output
@@ -146,9 +148,12 @@ class InterleavedFamily(Family):
         constant_bias = _bias(site) is not None or not _has_bias(site)
         absorbs = (site.batchnorm.node.name or "BatchNormalization",) if site.batchnorm else ()
         found = []
+        taps = math.prod(site.geometry.kernel)
         for hyp in [*interleave.search(weight, tol, orders), *chains.search(weight, tol, groups)]:
             if hyp.out_order is not None and not constant_bias:
                 continue  # a computed bias cannot be put in the second conv's order
+            if chance_fit(hyp.residual, weight.size, weight.size - hyp.params(*weight.shape[:2], taps)):
+                continue  # few constraints: a random weight would fit as well (structure.by_chance)
             found.append(Candidate(
                 self.name, hyp.label(), hyp.residual, parts(site, hyp), payload=hyp,
                 rounding_depth=_rounding_depth(site, hyp),

@@ -136,9 +136,9 @@ def plain_weight(rng: np.random.Generator, shape: tuple[int, ...], gain: float =
 def interleaved_weight(rng: np.random.Generator, shape: tuple[int, ...],
                        hyp: interleave.Hypothesis, noise: float = 0.0, gain: float = 2.0
                        ) -> np.ndarray:
-    """A float32 weight that is exactly the interleaved layout ``hyp`` (two factors or a chain) (random factors;
-    plus relative ``noise`` as :func:`structured_weight` adds it), scaled to a plain
-    weight's mean square ``gain / fan_in``."""
+    """A float32 weight that is exactly the interleaved layout ``hyp``, two factors or a
+    chain (random factors; plus relative ``noise`` as :func:`structured_weight` adds it),
+    scaled to a plain weight's mean square ``gain / fan_in``."""
     weight = interleave.random_product(rng, shape, hyp)
     if noise:
         weight += noise * np.linalg.norm(weight) / np.sqrt(weight.size) * rng.standard_normal(shape)

@@ -218,7 +218,8 @@ class StructureSpec:
     overrides: Mapping[str, Sequence[int] | Hypothesis | None] = field(default_factory=dict)
 
     @classmethod
-    def paper(cls, overrides: Mapping[str, Sequence[int] | None] | None = None) -> StructureSpec:
+    def paper(cls, overrides: Mapping[str, Sequence[int] | Hypothesis | None] | None = None
+              ) -> StructureSpec:
         """3x3 convs: ``n = 2``; 1x1 convs with ``C >= 32``: ``c = C/2``; Linear: ``c = IN/2``."""
         rules = [
             Rule("conv", kernel=3, n=2),

@@ -357,17 +357,41 @@ def test_random_weights_have_no_chain_and_separable_ones_do():
     assert chains.search(noisy, 1e-4) == []
 
 
-def test_measured_selection_times_the_layouts_on_the_layer_alone():
-    """``select="measured"`` times the family's candidates in onnxruntime (its ``measure``
-    hook): the decision says so, whatever the timing (no speed is asserted)."""
+def test_the_measure_hook_times_the_rewrite_it_would_write():
+    """``select="measured"`` times candidates through the family's ``measure`` hook: it
+    hands the timer the layer alone and, per candidate, that layer rewritten by the
+    family's own emit (a timer that records the models stands in for onnxruntime; no
+    speed is asserted)."""
+    from sconv_onnx.passes.igc import InterleavedFamily
+    from sconv_onnx.view import ModelView
+
     rng = np.random.default_rng(18)
-    weight = product(rng, 64, 64, (3, 3), interleave.Hypothesis(2, 2, 1, depthwise=True))
+    hyp = interleave.Hypothesis(2, 2, 1, depthwise=True)
+    weight = product(rng, 64, 64, (3, 3), hyp)
     spec = ConvSpec(in_per_group=64, out_channels=64, group=1, kernel=(3, 3), spatial=(8, 8),
                     pads=(1, 1, 1, 1))
-    _, report = sconv_onnx.optimize(make_model(spec, weight), select="measured", families=["igc"])
-    [layer] = report.plan.layers
-    assert layer.decided_by == "measured" and "measured" in layer.reason, layer.reason
-    assert report.verified
+    model = make_model(spec, weight)
+    family = InterleavedFamily()
+    [site] = family.find(ModelView.of(model, {"x": spec.input_shape}))
+    candidates = family.candidates(site, 1e-4)
+    recorded = {}
+
+    class RecordingTimer:
+        def ratios(self, original, variants):
+            recorded["original"] = original[1]()
+            recorded["variants"] = [build() for _, build in variants]
+            recorded["keys"] = [original[0], *(key for key, _ in variants)]
+            return [0.5] * len(variants)
+
+    trials = [(candidate, ()) for candidate in candidates]
+    assert family.measure(site, trials, RecordingTimer()) == [0.5] * len(candidates)
+    assert len(set(recorded["keys"])) == len(candidates) + 1  # one timing each
+    ops = [[node.op_type for node in built.graph.node] for built in recorded["variants"]]
+    layer = [node.op_type for node in recorded["original"].graph.node]
+    assert layer == ["Conv"] * 3  # the layer between two identity depthwise convs
+    for candidate, written in zip(candidates, ops):
+        stages = interleave.stages(candidate.payload, 64, 64)
+        assert written.count("Conv") == 2 + len(stages)
 
 
 def test_budget_fits_are_exact_on_products_and_the_data_aware_one_fits_the_data_better():

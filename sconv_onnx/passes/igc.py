@@ -239,10 +239,10 @@ class InterleavedFamily(Family):
     def measure(self, site: Site, trials, timer) -> list[float] | None:
         """The layer timed alone, as the box family's (:mod:`.box.timing`)."""
 
-        def variant(layer_site, original, candidate, shared):
+        def variant(conv_site, original, candidate, shared):
             return timing.emitted_layer_model(
-                layer_site, original,
-                lambda on, emitter, graph: self.emit(on, candidate, emitter))
+                conv_site, original,
+                lambda layer_site, emitter, graph: self.emit(layer_site, candidate, emitter))
 
         return timing.measure_alone(site, trials, timer, variant,
                                     key=lambda candidate: ("igc", _layout(candidate)))

@@ -2,7 +2,8 @@
 
 For one Conv site, a small model holding that layer (its own weight,
 attributes and concrete input shape, batch 1) is built as is and once per
-candidate, rewritten by the family's own :func:`.conv.emit`, so that what is
+candidate, rewritten by the family's own emit (:func:`.conv.emit` for the box
+family, any family's through :func:`emitted_layer_model`), so that what is
 timed is what would be written.  Two details keep a layer's measurement
 close to its cost inside the network:
 

@@ -16,7 +16,9 @@ from .shapes import known_dims
 @dataclass
 class ModelStats:
     """``macs`` counts the multiply-adds of :mod:`sconv_onnx.macs` (Conv, ConvTranspose,
-    Gemm, MatMul, and the additions of AveragePool and CumSum) at the shapes given:
+    Gemm, MatMul, and the additions of AveragePool and CumSum) at the shapes given,
+    except in nodes computed from constants alone (:func:`constant_tensors`:
+    onnxruntime folds them when the session is created):
     the MAC context (:mod:`sconv_onnx.context`; None when a shape is unknown); ``params`` counts elements of initializers and
     ``Constant`` tensors; ``size`` is the serialized size in bytes."""
 
@@ -68,9 +70,23 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> float | None:
     return 0
 
 
+def constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors of ``graph`` computed from constants alone: its initializers that are not
+    graph inputs, ``Constant`` outputs, and the outputs of nodes whose inputs are all
+    such (nodes in graph order, as ONNX sorts them)."""
+    inputs = {value.name for value in graph.input}
+    constant = {init.name for init in graph.initializer} - inputs
+    for node in graph.node:
+        if node.op_type == "Constant" or (
+                node.input and all(name in constant for name in node.input if name)):
+            constant.update(node.output)
+    return constant
+
+
 def model_stats(model: onnx.ModelProto, shapes: dict) -> ModelStats:
     """Stats of ``model``; ``shapes`` maps main-graph tensor names to inferred dims."""
     stats = ModelStats(size=model.ByteSize())
+    folded = constant_tensors(model.graph)
     for graph in graphs(model.graph):
         stats.params += sum(math.prod(init.dims) for init in graph.initializer)
         for node in graph.node:
@@ -79,7 +95,8 @@ def model_stats(model: onnx.ModelProto, shapes: dict) -> ModelStats:
                 for attr in node.attribute:
                     if attr.name == "value":
                         stats.params += math.prod(attr.t.dims)
-            if graph is model.graph and stats.macs is not None:
+            if graph is model.graph and stats.macs is not None and not (
+                    node.output and node.output[0] in folded):
                 count = node_macs(node, shapes)
                 stats.macs = None if count is None else stats.macs + round(count)
     return stats

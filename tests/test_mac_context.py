@@ -81,3 +81,26 @@ def test_a_leading_dim_that_may_not_be_a_batch_is_left_alone():
     assert context_shapes(_inputs(("x", ["N", 4]), ("h", ["M", 8, 4])), shapes) == shapes
     assert context_shapes(_inputs(("x", ["N", 4]), ("h", ["N", 8, 4])), shapes) == {
         "x": (1, 4), "h": (1, 8, 4), "lengths": (8,)}
+
+
+def test_nodes_computed_from_constants_alone_count_no_macs():
+    """A Conv weight rebuilt in the graph from constants (a shared generator's
+    ``MatMul(codes, generator) -> Reshape``) is folded by onnxruntime when the session is
+    created: its MatMul is no MAC of the model."""
+    from sconv_onnx.stats import constant_tensors, model_stats
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "codes"),
+             numpy_helper.from_array(rng.standard_normal((4, 72)).astype(np.float32), "gen"),
+             numpy_helper.from_array(np.array([8, 8, 3, 3], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["codes", "gen"], ["flat"]),
+             helper.make_node("Reshape", ["flat", "shape"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert {"flat", "w"} <= constant_tensors(model.graph) and "y" not in constant_tensors(
+        model.graph)
+    stats = model_stats(model, infer_tensor_shapes(model))
+    assert stats.macs == 8 * 36 * 8 * 9  # the conv's alone, not the MatMul's 8 * 72 * 4

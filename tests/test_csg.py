@@ -1,0 +1,96 @@
+"""Shared slice generators across layers (sconv_onnx.csg, issue 14): detection.
+
+Generated weights of each layout the paper uses must be found with their
+generator's size and exactly the layers it made; random weights, and
+generated ones off by more than the tolerance, must not.
+"""
+
+import numpy as np
+import pytest
+
+from sconv_onnx import csg
+
+#: ResNet-18's 3x3 convs: the first of each block (the official layout generates these) ...
+FIRSTS = [(64, 64, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3), (128, 128, 3, 3),
+          (256, 128, 3, 3), (256, 256, 3, 3), (512, 256, 3, 3), (512, 512, 3, 3)]
+#: ... and the second.
+SECONDS = [(64, 64, 3, 3), (64, 64, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3),
+           (256, 256, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3), (512, 512, 3, 3)]
+
+
+def _float32(weights: dict) -> dict:
+    return {key: weight.astype(np.float32) for key, weight in weights.items()}
+
+
+def _found_alone(rng, shapes, size: int, code_size: int, affine: bool = False) -> csg.Sharing:
+    """The one sharing found among generated weights of ``shapes`` (float32), checked."""
+    made = csg.generated(rng, shapes, size, code_size, affine=affine)
+    weights = _float32({f"conv{i}": w for i, w in enumerate(made)})
+    [sharing] = csg.find(weights, 1e-4)
+    _check(sharing, weights, 1e-4)
+    return sharing
+
+
+def _check(sharing: csg.Sharing, weights: dict, tol: float) -> None:
+    """The generator and codes give back every member's weight within ``tol``."""
+    for key, codes, residual in zip(sharing.keys, sharing.codes, sharing.residuals):
+        weight = weights[key].astype(np.float64)
+        rebuilt = (codes @ sharing.basis.T).reshape(weight.shape)
+        assert np.linalg.norm(rebuilt - weight) <= tol * np.linalg.norm(weight)
+        assert residual <= tol
+
+
+def test_the_official_resnet18_layout_is_found_among_plain_convs():
+    """s = 16, d = 128, the first 3x3 of each block generated; the second ones random."""
+    rng = np.random.default_rng(0)
+    weights = {f"first{i}": w for i, w in enumerate(csg.generated(rng, FIRSTS, 16, 128))}
+    weights |= {f"second{i}": rng.standard_normal(shape) for i, shape in enumerate(SECONDS)}
+    weights = _float32(weights)
+    [sharing] = csg.find(weights, 1e-4)
+    assert sharing.keys == tuple(f"first{i}" for i in range(8))
+    assert (sharing.slice_size, sharing.code_size) == (16, 128)
+    assert sharing.params == 128 * (16 * 16 * 9 + sum(o * c // 256 for o, c, *_ in FIRSTS))
+    _check(sharing, weights, 1e-4)
+
+
+def test_every_block_conv_generated_and_an_affine_generator():
+    rng = np.random.default_rng(1)
+    shapes = [(32, 32, 3, 3)] * 4 + [(64, 32, 3, 3)] + [(64, 64, 3, 3)] * 3
+    sharing = _found_alone(rng, shapes, 8, 24)
+    assert len(sharing.keys) == 8 and (sharing.slice_size, sharing.code_size) == (8, 24)
+    affine = _found_alone(rng, shapes, 8, 24, affine=True)
+    assert affine.code_size == 25  # the offset is one more direction
+
+
+def test_cifar_slices_of_twelve_where_they_divide_the_widths():
+    """Every layer here has fewer chunks than twice the code size: found together."""
+    rng = np.random.default_rng(2)
+    shapes = [(48, 48, 3, 3)] * 3 + [(96, 48, 3, 3)] + [(96, 96, 3, 3)] * 2
+    sharing = _found_alone(rng, shapes, 12, 72)
+    assert (sharing.slice_size, sharing.code_size, len(sharing.keys)) == (12, 72, 6)
+    # widths that 12 does not divide have no complete slice (a masked fit, not built)
+    assert csg.slice_length((64, 32, 3, 3), 12) is None
+
+
+def test_random_weights_and_lone_or_noisy_generated_layers_share_nothing():
+    rng = np.random.default_rng(3)
+    shapes = [(32, 32, 3, 3)] * 3 + [(64, 64, 3, 3)] * 2
+    assert csg.find(_float32({f"r{i}": rng.standard_normal(s) for i, s in enumerate(shapes)}),
+                    1e-4) == []
+    lone = csg.generated(rng, [(64, 64, 3, 3)], 8, 24)[0]
+    assert csg.find({"only": lone.astype(np.float32)}, 1e-4) == []  # one layer: nothing shared
+    made = csg.generated(rng, shapes, 8, 24)
+    noisy = {f"g{i}": w + 1e-2 * np.std(w) * rng.standard_normal(w.shape)
+             for i, w in enumerate(made)}
+    assert csg.find(noisy, 1e-4) == []  # 1 % off the generator: outside the tolerance
+    [loose] = csg.find(noisy, 0.05)
+    assert len(loose.keys) == 5
+
+
+def test_chunks_are_consecutive_flat_slices_not_tiles():
+    weight = np.arange(2 * 8 * 3 * 3 * 2, dtype=np.float64).reshape(4, 8, 3, 3)
+    rows = csg.chunks(weight, 2)
+    assert rows.shape == (8, 36)
+    assert np.array_equal(rows[1], weight.ravel()[36:72])
+    with pytest.raises(ValueError):
+        csg.chunks(weight, 3)

@@ -31,10 +31,7 @@ Detection, per kernel shape and slice size (:func:`find`):
 Only slice sizes that divide the layers' widths are tried (complete slices);
 widths that are not multiples of ``s`` need a masked fit and are left out.
 
-State (issue 14): the detection is here and tested; the family that rewrites
-the layers (a size-only group candidate: the generator stored once, each
-kernel rebuilt by ``MatMul -> Reshape``, folded by onnxruntime at load) is
-not built yet.  docs/DESIGN.md section 1.5 says what it needs.
+The family that rewrites the layers is :mod:`sconv_onnx.passes.csg`.
 """
 
 from __future__ import annotations
@@ -48,6 +45,9 @@ import numpy as np
 SLICE_SIZES = (8, 12, 16, 32)
 #: A layer shows a generator alone when its chunks' rank is at most this share of their count.
 ALONE_SHARE = 0.5
+#: Elements of the layers of one kernel shape tried together when none shows a generator
+#: alone (small layers: CIFAR widths); above, they are not.
+MAX_TOGETHER = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -82,24 +82,60 @@ def slice_length(shape: tuple[int, ...], size: int) -> int | None:
 
 
 def chunks(weight: np.ndarray, size: int) -> np.ndarray:
-    """The weight's slices as rows (``n x L``, float64): consecutive flat chunks."""
+    """The weight's slices as rows (``n x L``, a view in the weight's dtype where it can
+    be): consecutive flat chunks."""
     length = slice_length(weight.shape, size)
     if length is None:
         raise ValueError(f"slice size {size} does not divide the widths of {weight.shape}")
-    return np.asarray(weight, np.float64).reshape(-1, length)
+    return np.reshape(weight, (-1, length))
 
 
-def _spectrum(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Squared singular values (largest first) and right singular vectors (as rows) of
-    ``rows``, from the Gram matrix of its shorter side."""
-    if rows.shape[0] < rows.shape[1]:
-        energy, left = np.linalg.eigh(rows @ rows.T)
-        energy, left = np.clip(energy[::-1], 0.0, None), left[:, ::-1]
-        keep = energy > energy[0] * 1e-24 if energy.size and energy[0] > 0 else energy > 0
-        right = (left[:, keep] / np.sqrt(energy[keep])).T @ rows
-        return energy[keep], right
-    energy, vectors = np.linalg.eigh(rows.T @ rows)
-    return np.clip(energy[::-1], 0.0, None), vectors[:, ::-1].T
+#: Elements converted to float64 at a time: the copies of a large weight stay this small.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _spans(count: int, width: int):
+    """Slices of ``range(count)`` of about :data:`BLOCK_ELEMENTS` / ``width`` each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """The Gram matrix of the shorter side of ``rows`` (float64, accumulated by blocks)."""
+    count, length = rows.shape
+    if count < length:
+        gram = np.zeros((count, count))
+        for span in _spans(length, count):
+            block = np.asarray(rows[:, span], np.float64)
+            gram += block @ block.T
+        return gram
+    gram = np.zeros((length, length))
+    for span in _spans(count, length):
+        block = np.asarray(rows[span], np.float64)
+        gram += block.T @ block
+    return gram
+
+
+def _energies(rows: np.ndarray) -> np.ndarray:
+    """Squared singular values of ``rows``, largest first."""
+    return np.clip(np.linalg.eigvalsh(_gram(rows))[::-1], 0.0, None)
+
+
+def _top(rows: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rank`` largest squared singular values of ``rows`` and their right singular
+    vectors (as rows, ``rank x L``), from the Gram matrix of the shorter side."""
+    count, length = rows.shape
+    energy, vectors = np.linalg.eigh(_gram(rows))
+    energy, vectors = np.clip(energy[::-1][:rank], 0.0, None), vectors[:, ::-1][:, :rank]
+    keep = energy > 0
+    energy, vectors = energy[keep], vectors[:, keep]
+    if count >= length:
+        return energy, vectors.T
+    left = vectors / np.sqrt(energy)
+    right = np.empty((len(energy), length))
+    for span in _spans(length, count):
+        right[:, span] = left.T @ np.asarray(rows[:, span], np.float64)
+    return energy, right
 
 
 def _rank(energy: np.ndarray, total: float, tol: float) -> int:
@@ -116,13 +152,15 @@ def _joint_basis(layers: list[np.ndarray], tol: float) -> np.ndarray | None:
     length = layers[0].shape[1]
     stacked, total = [], 0.0
     for rows in layers:
-        energy, right = _spectrum(rows)
+        energy = _energies(rows)
         rank = max(1, _rank(energy, float(energy.sum()), tol))
-        stacked.append(right[:rank] * np.sqrt(energy[:rank])[:, None])
+        top, right = _top(rows, rank)
+        stacked.append(right * np.sqrt(top)[:, None])
         total += float(energy.sum())
-    energy, right = _spectrum(np.concatenate(stacked))
+    stacked = np.concatenate(stacked)
+    energy = _energies(stacked)
     rank = _rank(energy, total, tol)
-    return right[:rank].T if 0 < rank < length else None
+    return _top(stacked, rank)[1].T if 0 < rank < length else None
 
 
 #: Rows and columns of the sub-block :func:`_screen` decomposes.
@@ -140,7 +178,8 @@ def _screen(rows: np.ndarray, tol: float) -> bool:
     count, length = rows.shape
     size = min(count, length, SCREEN_SIZE)
     picked = rows[np.linspace(0, count - 1, size).round().astype(int)]
-    block = picked[:, np.linspace(0, length - 1, size).round().astype(int)]
+    block = np.asarray(picked[:, np.linspace(0, length - 1, size).round().astype(int)],
+                       np.float64)
     energy = np.clip(np.linalg.eigvalsh(block @ block.T)[::-1], 0.0, None)
     return _rank(energy, float(energy.sum()), SCREEN_SLACK * tol) <= ALONE_SHARE * size
 
@@ -150,13 +189,24 @@ def _shows_generator(rows: np.ndarray, tol: float) -> bool:
     their count (screened first, :func:`_screen`)."""
     if not _screen(rows, tol):
         return False
-    energy, _ = _spectrum(rows)
+    energy = _energies(rows)
     return _rank(energy, float(energy.sum()), tol) <= ALONE_SHARE * min(rows.shape)
 
 
 def _residual(rows: np.ndarray, basis: np.ndarray) -> float:
-    norm = float(np.linalg.norm(rows))
-    return float(np.linalg.norm(rows - (rows @ basis) @ basis.T)) / norm if norm > 0 else 0.0
+    """``||X - X B B^T|| / ||X||`` (by blocks of rows)."""
+    total = left = 0.0
+    for span in _spans(rows.shape[0], rows.shape[1]):
+        block = np.asarray(rows[span], np.float64)
+        total += float(np.sum(block**2))
+        left += float(np.sum((block - (block @ basis) @ basis.T) ** 2))
+    return float(np.sqrt(left / total)) if total > 0 else 0.0
+
+
+def _codes(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """``X B``: the least-squares codes of the chunks ``X`` (by blocks of rows)."""
+    return np.concatenate([np.asarray(rows[span], np.float64) @ basis
+                           for span in _spans(rows.shape[0], rows.shape[1])])
 
 
 def find(weights: dict[str, np.ndarray], tol: float) -> list[Sharing]:
@@ -180,8 +230,9 @@ def _share(weights: dict[str, np.ndarray], keys: list[str], size: int, tol: floa
     eligible = [key for key in keys if slice_length(weights[key].shape, size) is not None]
     rows = {key: chunks(weights[key], size) for key in eligible}
     showing = [key for key in eligible if _shows_generator(rows[key], tol)]
-    if not showing and len(eligible) > 1 and _shows_generator(
-            np.concatenate([rows[key] for key in eligible]), tol):
+    together = sum(rows[key].size for key in eligible)
+    if (not showing and len(eligible) > 1 and together <= MAX_TOGETHER
+            and _shows_generator(np.concatenate([rows[key] for key in eligible]), tol)):
         showing = eligible  # no layer has chunks enough alone; all of them together do
     if not showing:
         return None
@@ -191,7 +242,7 @@ def _share(weights: dict[str, np.ndarray], keys: list[str], size: int, tol: floa
     members = [key for key in eligible if _residual(rows[key], basis) <= tol]
     if len(members) < 2:
         return None
-    codes = tuple(rows[key] @ basis for key in members)
+    codes = tuple(_codes(rows[key], basis) for key in members)
     sharing = Sharing(tuple(members), size, basis, codes,
                       tuple(_residual(rows[key], basis) for key in members))
     dense = sum(weights[key].size for key in members)

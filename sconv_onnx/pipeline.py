@@ -185,7 +185,7 @@ def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None) -> onnx.
     to the candidate to emit in its place (a budget's sequential fit).
 
     Sites emit in the order found, each its chosen candidate (a group site once
-    for all its layers).  Families insert nodes before their site's node; a
+    for the layers its candidate covers: all, or its ``members``).  Families insert nodes before their site's node; a
     graph some emit left out of order (a shared tensor first used above where
     it was made) is sorted.
     """
@@ -194,16 +194,31 @@ def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None) -> onnx.
     chosen = {layer.key: layer.chosen for layer in plan.rewritten}
     emitter = Emitter(analysis.view.graph)
     for entry in analysis.entries:
-        candidate = chosen.get(entry.site.layers[0].key)
+        covered = _covered(entry.site, chosen)
+        candidate = chosen.get(covered[0]) if covered else None
         source = plan.refit_of.get(id(candidate), candidate)
-        mine = candidate is not None and any(source is own for own in entry.candidates)
-        if mine and all(chosen.get(info.key) is candidate for info in entry.site.layers):
+        mine = candidate is not None and any(
+            source is own or (source.members is not None and source.family == own.family
+                              and source.payload is own.payload)
+            for own in entry.candidates)
+        if mine and all(chosen.get(key) is candidate for key in covered):
             entry.family.emit(entry.site, (refits or {}).get(id(candidate), candidate), emitter)
     if not is_sorted(emitter.graph):
         emitter.graph.toposort()
     rewritten = gs.export_onnx(emitter.graph, do_type_check=False)
     restore_model_fields(analysis.view.model, rewritten)
     return rewritten
+
+
+def _covered(site, chosen: dict) -> list[str]:
+    """The layer keys of ``site`` its chosen candidate covers: the ``members`` of a group
+    candidate taken for some of its layers, else all the site's layers."""
+    keys = [info.key for info in site.layers]
+    for key in keys:
+        candidate = chosen.get(key)
+        if candidate is not None and candidate.members is not None and key in candidate.members:
+            return list(candidate.members)
+    return keys
 
 
 def model_stats_of(model: onnx.ModelProto, shapes: dict):
@@ -271,7 +286,7 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     while True:
         decided = plan(analysis, excluded, measurer, max_error)
         rewritten = rewrite(analysis, decided)
-        if measurer is None or not decided.rewritten:
+        if measurer is None or not revert.for_speed(decided):
             break
         decided.model_ratio = revert.whole_model_ratio(
             runnable, rewritten, analysis.verification_feeds(options.seed), measurer.threads)

@@ -85,7 +85,11 @@ class Candidate:
     dtype's unit roundoff).  ``absorbs`` names nodes the rewrite removes
     besides the layer (a folded BatchNormalization).  ``approximate``
     candidates lie outside the tolerance and are offered only to the MAC
-    budget, with their output errors on the calibration data.
+    budget, with their output errors on the calibration data.  A ``size_only``
+    group candidate runs as its layers do (its parts carry their own ops: a
+    kernel rebuilt from constants, folded when the model is loaded) and
+    stores fewer params; ``members`` names the layer keys a group candidate
+    covers when the selector took it for some of its site's layers (None: all).
     """
 
     family: str
@@ -99,6 +103,8 @@ class Candidate:
     approximate: bool = False
     output_error: float | None = None
     output_error_weight_alpha: float | None = None
+    size_only: bool = False
+    members: tuple[str, ...] | None = None
 
     def _unshared(self, taken: Iterable[Hashable]) -> list[Part]:
         taken = set(taken)

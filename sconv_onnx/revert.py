@@ -6,7 +6,8 @@ rewrite, the original and the rewritten model run side by side
 (:data:`WHOLE_MODEL_RUNS` rounds, :mod:`sconv_onnx.bench` rules).  Above
 :data:`WHOLE_MODEL_MARGIN`, the half of the rewritten layers with the least
 gain (measured, else predicted) is excluded, and the model is planned and
-rewritten again.  Excluded layers stay excluded (the selector keeps them,
+rewritten again.  Size-only rewrites (a shared generator, folded at load) are
+not for speed: they are neither timed here nor reverted.  Excluded layers stay excluded (the selector keeps them,
 whatever their family, and a MAC budget never picks them), so the loop ends
 after at most as many rounds as there are layers.
 """
@@ -44,10 +45,15 @@ def gain(layer) -> float:
     return 1.0
 
 
+def for_speed(plan: Plan) -> list:
+    """``plan``'s rewritten layers that are rewritten for speed (not size-only)."""
+    return [layer for layer in plan.rewritten if not layer.chosen.size_only]
+
+
 def exclude_least_gainful(plan: Plan, ratio: float, excluded: dict[str, str]) -> None:
-    """Add the half of ``plan``'s rewritten layers with the least gain (at least one) to
-    ``excluded`` (layer key -> reason)."""
-    rewritten = sorted(plan.rewritten, key=gain, reverse=True)
+    """Add the half of ``plan``'s layers rewritten for speed with the least gain (at least
+    one) to ``excluded`` (layer key -> reason)."""
+    rewritten = sorted(for_speed(plan), key=gain, reverse=True)
     for layer in rewritten[: max(1, len(rewritten) // 2)]:
         excluded[layer.key] = (
             f"reverted: the whole model ran {ratio:.2f}x with {len(rewritten)} layers rewritten"

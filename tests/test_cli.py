@@ -51,7 +51,7 @@ def test_analyze_prints_table_and_json(demo_path, capsys):
     plan = json.loads(stdout)
     assert plan["tol"] == 1e-3
     assert plan["layers"][1]["best"]["label"] == "c=16 n=2x2"
-    assert plan["layers"][1]["best"]["family"] == "box" and plan["families"] == ["box", "igc", "lowrank"]
+    assert plan["layers"][1]["best"]["family"] == "box" and plan["families"] == ["box", "igc", "csg", "lowrank"]
     assert plan["totals"]["rewritten"] == sum(layer["decision"] == "rewrite" for layer in plan["layers"])
 
 

@@ -6,8 +6,12 @@ generated ones off by more than the tolerance, must not.
 """
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from sconv_onnx.models import csg_resnet, resnet
 
+import sconv_onnx
 from sconv_onnx import csg
 
 #: ResNet-18's 3x3 convs: the first of each block (the official layout generates these) ...
@@ -94,3 +98,57 @@ def test_chunks_are_consecutive_flat_slices_not_tiles():
     assert np.array_equal(rows[1], weight.ravel()[36:72])
     with pytest.raises(ValueError):
         csg.chunks(weight, 3)
+
+
+@pytest.fixture(scope="module")
+def official():
+    """ResNet-18 with the official layout: the first 3x3 of each block generated."""
+    model = csg_resnet.build("firsts")
+    return model, {node.name for node in csg_resnet.generated_convs(model, "firsts")}
+
+
+def _float_weights(model) -> int:
+    return sum(int(np.prod(init.dims)) for init in model.graph.initializer if init.data_type == 1)
+
+
+def test_the_family_stores_the_generator_and_codes_and_computes_the_same(official, tmp_path):
+    """With the family alone: every generated conv rebuilt from one generator, the model
+    within 5 % of the generator and codes (plus the layers left as they were), the same
+    outputs, and the rebuild folded by onnxruntime (no MatMul left in its session)."""
+    model, generated = official
+    new, report = sconv_onnx.optimize(model, families=["csg"])
+    rewritten = {layer.node for layer in report.plan.rewritten}
+    assert rewritten == generated and {layer.family for layer in report.plan.rewritten} == {"csg"}
+    sharing = report.plan.rewritten[0].chosen.payload
+    kept = sum(layer.params_before for layer in report.plan.layers if not layer.rewritten)
+    others = sum(int(np.prod(i.dims)) for i in model.graph.initializer) - sum(
+        layer.params_before for layer in report.plan.layers)  # BatchNorm-free: the fc bias etc.
+    biases = sum(layer.params_before - int(np.prod(layer.weight_shape))
+                 for layer in report.plan.rewritten)
+    assert _float_weights(new) <= 1.05 * (sharing.params + biases) + kept + others
+    assert report.verified and report.max_rel_error < 1e-5
+    assert report.after.macs == report.before.macs  # the rebuild is folded: no MAC
+    path = tmp_path / "csg.onnx"
+    onnx.save(new, str(path))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "folded.onnx"))
+    assert "MatMul" not in {node.op_type for node in folded.graph.node}
+
+
+def test_by_default_other_families_take_the_layers_they_speed_up(official):
+    """Generated convs with ``C = 256`` or more are low rank as whole kernels: the igc family
+    rewrites them for speed, and the generator stores the rest."""
+    model, generated = official
+    _, report = sconv_onnx.optimize(model)
+    families = {layer.node: layer.family for layer in report.plan.rewritten}
+    assert set(families) == generated
+    assert "csg" in families.values() and "igc" in families.values()
+    assert report.verified and report.max_rel_error < 1e-5
+
+
+def test_random_convs_are_left_to_the_other_families():
+    model, _ = resnet.build("plain", (1, 1, 1, 1), False, resnet.plain, size="small")
+    _, report = sconv_onnx.optimize(model, families=["csg"])
+    assert report.plan.rewritten == []

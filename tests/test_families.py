@@ -165,7 +165,7 @@ def test_a_family_registered_in_a_test_is_selected_emitted_verified_and_reported
     assert layer.chosen.label == "rank 1" and layer.params_after == 256 + 64
     assert [node.op_type for node in new.graph.node] == ["MatMul", "MatMul"]
     assert report.verified and report.max_rel_error < 1e-5
-    assert report.plan.families == ("box", "igc", "lowrank", "rank1", "hfuse")
+    assert report.plan.families == ("box", "igc", "csg", "lowrank", "rank1", "hfuse")
     row = report.format().splitlines()[2].split()
     assert row[:3] == ["mm_a", "MatMul", "rank1"]
     assert report.to_dict()["plan"]["layers"][0]["chosen"]["family"] == "rank1"
@@ -215,12 +215,13 @@ def test_cli_takes_families_and_refuses_unknown_ones(toy_families, tmp_path, cap
     assert code == 0 and json.loads(stdout)["layers"][0]["decision"] == "keep"
     code, stdout, _ = run_cli(capsys, "optimize", source, out, "--families", "rank1,box")
     assert code == 0 and "rank1" in stdout and out.exists()
-    code, _, err = run_cli(capsys, "optimize", source, tmp_path / "o2.onnx", "--families", "csg")
-    assert code == 2 and "unknown family 'csg' (registered: box, igc, lowrank, rank1, hfuse)" in err
+    code, _, err = run_cli(capsys, "optimize", source, tmp_path / "o2.onnx", "--families", "tiles")
+    assert code == 2 and ("unknown family 'tiles' (registered: box, igc, csg, lowrank, rank1, "
+                          "hfuse)") in err
     assert not (tmp_path / "o2.onnx").exists()
     code, stdout, _ = run_cli(capsys, "families")
     rows = [line.split()[0] for line in stdout.splitlines()[2:]]
-    assert code == 0 and rows == ["box", "igc", "lowrank", "rank1", "hfuse"]
+    assert code == 0 and rows == ["box", "igc", "csg", "lowrank", "rank1", "hfuse"]
     assert "toy: a rank-1 MatMul weight as two thin MatMuls" in stdout
 
 

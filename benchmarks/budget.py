@@ -17,15 +17,13 @@ is the logits' relative error, not an accuracy: the digits demo
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
+from pages import write_page
 from sconv_onnx.models import resnet
 
 import sconv_onnx
@@ -81,22 +79,16 @@ def main(argv: list[str] | None = None) -> None:
             print(" | ".join(rows[-1]), flush=True)
     header = ["target", "alpha fit", "layers rewritten", "families", "MACs", "rel. error, calibration images",
               "rel. error, other images", "latency ms", "ratio", "optimize s"]
-    lines = ["| " + " | ".join(row) + " |" for row in [header] + rows]
-    lines.insert(1, "|" + "---|" * len(header))
-    text = "\n".join([
-        "# MAC budget on a plain-weight ResNet-18", "",
-        (f"Made by `{' '.join(['python benchmarks/budget.py', *(argv or sys.argv[1:])])}` on "
-        f"{datetime.date.today()}; {platform.processor() or platform.machine()}, onnxruntime "
-        f"{onnxruntime.__version__}, {args.threads} threads, {args.runs} runs per model."), "",
+    write_page(
+        args.out,
+        "MAC budget on a plain-weight ResNet-18",
+        " ".join(["python benchmarks/budget.py", *(argv or sys.argv[1:])]),
+        f"{args.threads} threads, {args.runs} runs per model",
         ("ResNet-18 (torchvision layout, 1x3x224x224, He-initialised weights: no structure), "
-        f"`optimize(target_macs=R, calib_data=<{IMAGES} smooth random images>, alpha_fit=..., "
-        "min_agreement=0)` (forced to the target). "
-        "Relative error: `||y - y0|| / ||y0||` of the logits; latency: onnxruntime medians "
-        "side by side, ratio the median of per-round ratios."), "",
-        *lines, "",
-    ])
-    args.out.write_text(text)
-    print(text)
+         f"`optimize(target_macs=R, calib_data=<{IMAGES} smooth random images>, alpha_fit=..., "
+         "min_agreement=0)` (forced to the target). "
+         "Relative error: `||y - y0|| / ||y0||` of the logits; latency: onnxruntime medians "
+         "side by side, ratio the median of per-round ratios."), header, rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Shared slice generators (CSG): file size, session creation and latency, side by side.
+
+    python benchmarks/csg.py                    # writes benchmarks/CSG.md
+    python benchmarks/csg.py --runs 20 --out /tmp/c.md
+
+For each generated ResNet-18 (:mod:`sconv_onnx.models.csg_resnet`: the first 3x3
+of each block, as the official ImageNet code makes them, or every block conv;
+slice 16, code 128) and each selection (the family alone, ``families=["csg"]``;
+every family, the default), ``sconv_onnx.optimize`` rewrites the model at its
+default tolerance.  The table gives the float weights and the file size before
+and after, the generator and codes alone, the median time to create an
+onnxruntime session (which folds the rebuild), and the latency ratio of the
+rewrite to the original, side by side (sconv_onnx.bench rules), at
+onnxruntime's default graph optimizations and with them disabled
+(``ORT_DISABLE_ALL``: the rebuild then runs on every inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from pages import write_page
+from sconv_onnx.models import csg_resnet, resnet
+
+import sconv_onnx
+from sconv_onnx.bench import time_sessions
+from sconv_onnx.report import human
+
+SESSIONS = 5
+
+
+def _session(path: Path, threads: int, level) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = level
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def creation_ms(path: Path, threads: int) -> float:
+    """Median milliseconds to create a session (default optimizations) over :data:`SESSIONS`."""
+    times = []
+    for _ in range(SESSIONS):
+        started = time.perf_counter()
+        _session(path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        times.append(1e3 * (time.perf_counter() - started))
+    return float(np.median(times))
+
+
+def latency_ratio(original: Path, rewritten: Path, feeds: dict, threads: int, runs: int,
+                  level) -> float:
+    """Median per-round time ratio rewritten/original, side by side, at ``level``."""
+    sessions = [_session(path, threads, level) for path in (original, rewritten)]
+    seconds = time_sessions(sessions, feeds, runs, warmup=5)
+    return float(np.median(seconds[1] / seconds[0]))
+
+
+def float_weights(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(init.dims)) for init in model.graph.initializer if init.data_type == 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("CSG.md"))
+    args = parser.parse_args(argv)
+    feeds = {resnet.INPUT_NAME: np.random.default_rng(0).standard_normal(
+        resnet.input_shape()).astype(np.float32)}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for layout in csg_resnet.LAYOUTS:
+            model = csg_resnet.build(layout)
+            original = Path(folder) / f"{layout}.onnx"
+            onnx.save(model, str(original))
+            for families, name in ((["csg"], "csg alone"), (None, "every family")):
+                new, report = sconv_onnx.optimize(model, families=families)
+                rewritten = Path(folder) / f"{layout}_{name.split()[0]}.onnx"
+                onnx.save(new, str(rewritten))
+                chosen = [layer.chosen.payload for layer in report.plan.rewritten
+                          if layer.family == "csg"]
+                generator = chosen[0].params if chosen else 0
+                counts = {family: sum(layer.family == family for layer in report.plan.rewritten)
+                          for family in sorted({layer.family for layer in report.plan.rewritten})}
+                ratios = [latency_ratio(original, rewritten, feeds, args.threads, args.runs, level)
+                          for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)]
+                created = [creation_ms(path, args.threads) for path in (original, rewritten)]
+                rows.append([
+                    layout, name, ", ".join(f"{family} {count}" for family, count in counts.items()),
+                    f"{human(float_weights(model))} -> {human(float_weights(new))}",
+                    human(generator),
+                    f"{original.stat().st_size / 1e6:.1f} -> {rewritten.stat().st_size / 1e6:.1f}",
+                    f"{created[0]:.0f} -> {created[1]:.0f}",
+                    f"{ratios[0]:.2f}", f"{ratios[1]:.2f}", f"{report.max_rel_error:.1e}",
+                ])
+                print(" | ".join(rows[-1]), flush=True)
+    header = ["model", "families", "layers rewritten", "float weights", "generator + codes",
+              "file MB", "session creation ms", "latency ratio", "latency ratio, ORT_DISABLE_ALL",
+              "max rel err"]
+    write_page(
+        args.out,
+        "Shared slice generators: size and time",
+        " ".join(["python benchmarks/csg.py", *(argv or sys.argv[1:])]),
+        f"{args.threads} threads, {args.runs} rounds side by side",
+        ("ResNet-18 (1x3x224x224) with the first 3x3 conv of each block (`firsts`, the official "
+         "layout) or every block conv (`blocks`) made by one random generator (slice 16, code 128), "
+         "the other layers random; `sconv_onnx.optimize` at its default tolerance with the `csg` "
+         "family alone or every family. Latency ratio: rewritten over original, the median of "
+         "per-round ratios."), header, rows)
+
+
+if __name__ == "__main__":
+    main()

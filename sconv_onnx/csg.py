@@ -30,6 +30,10 @@ Detection, per kernel shape and slice size (:func:`find`):
 
 Only slice sizes that divide the layers' widths are tried (complete slices);
 widths that are not multiples of ``s`` need a masked fit and are left out.
+Also left out: layers too small to show a generator alone mixed with other
+layers of their kernel (all are tried together only), and kernels scaled per
+output channel after generation (a BatchNormalization folded at export:
+where a slice spans several output channels, it leaves the span).
 
 The family that rewrites the layers is :mod:`sconv_onnx.passes.csg`.
 """
@@ -43,7 +47,8 @@ import numpy as np
 
 #: Slice sizes tried (the paper's ImageNet models use 16, its CIFAR ones 12).
 SLICE_SIZES = (8, 12, 16, 32)
-#: A layer shows a generator alone when its chunks' rank is at most this share of their count.
+#: A layer shows a generator alone when its chunks' rank is at most this share of the
+#: chunk matrix's shorter side.
 ALONE_SHARE = 0.5
 #: Elements of the layers of one kernel shape tried together when none shows a generator
 #: alone (small layers: CIFAR widths); above, they are not.
@@ -168,12 +173,15 @@ SCREEN_SIZE = 256
 #: The screen's tolerance, as a multiple of the search's: a sub-block's tail can be a larger
 #: share of its own energy than the whole matrix's is of its.
 SCREEN_SLACK = 10.0
+#: A sub-block passes the screen below this share of full rank (a random one is full; a
+#: generator of code size up to 0.9 x :data:`SCREEN_SIZE` still passes).
+SCREEN_SHARE = 0.9
 
 
 def _screen(rows: np.ndarray, tol: float) -> bool:
     """Whether a sub-block of ``rows`` (:data:`SCREEN_SIZE` rows and columns spread evenly)
-    is within a looser tolerance of rank :data:`ALONE_SHARE` of its size: sub-blocks of
-    a low-rank matrix are low rank, and a random one's is full (one small decomposition
+    is within a looser tolerance of rank below :data:`SCREEN_SHARE` of its size: sub-blocks
+    of a low-rank matrix are low rank, and a random one's is full (one small decomposition
     instead of the whole matrix's)."""
     count, length = rows.shape
     size = min(count, length, SCREEN_SIZE)
@@ -181,7 +189,7 @@ def _screen(rows: np.ndarray, tol: float) -> bool:
     block = np.asarray(picked[:, np.linspace(0, length - 1, size).round().astype(int)],
                        np.float64)
     energy = np.clip(np.linalg.eigvalsh(block @ block.T)[::-1], 0.0, None)
-    return _rank(energy, float(energy.sum()), SCREEN_SLACK * tol) <= ALONE_SHARE * size
+    return _rank(energy, float(energy.sum()), SCREEN_SLACK * tol) <= SCREEN_SHARE * size
 
 
 def _shows_generator(rows: np.ndarray, tol: float) -> bool:
@@ -210,19 +218,28 @@ def _codes(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
 
 
 def find(weights: dict[str, np.ndarray], tol: float) -> list[Sharing]:
-    """The generators shared by the conv weights of ``weights`` (one group each), at most
-    one per kernel shape: at the slice size whose generator and codes take the fewest
-    numbers, when two or more layers share it and it takes fewer than the kernels."""
+    """The generators shared by the conv weights of ``weights`` (one group each), per
+    kernel shape: the sharing (over the slice sizes) that saves the most numbers, then
+    again among the layers it left, while one saves any and covers two layers or more."""
     by_kernel: dict[tuple[int, ...], list[str]] = {}
     for key, weight in weights.items():
         by_kernel.setdefault(tuple(weight.shape[2:]), []).append(key)
     found = []
     for keys in by_kernel.values():
-        options = [sharing for size in SLICE_SIZES
-                   if (sharing := _share(weights, keys, size, tol)) is not None]
-        if options:
-            found.append(min(options, key=lambda sharing: sharing.params))
+        while len(keys) > 1:
+            options = [sharing for size in SLICE_SIZES
+                       if (sharing := _share(weights, keys, size, tol)) is not None]
+            if not options:
+                break
+            best = max(options, key=lambda sharing: _saved(sharing, weights))
+            found.append(best)
+            keys = [key for key in keys if key not in best.keys]
     return found
+
+
+def _saved(sharing: Sharing, weights: dict[str, np.ndarray]) -> int:
+    """The numbers ``sharing`` saves against its members' kernels."""
+    return sum(weights[key].size for key in sharing.keys) - sharing.params
 
 
 def _share(weights: dict[str, np.ndarray], keys: list[str], size: int, tol: float
@@ -239,12 +256,13 @@ def _share(weights: dict[str, np.ndarray], keys: list[str], size: int, tol: floa
     basis = _joint_basis([rows[key] for key in showing], tol)
     if basis is None:
         return None
-    members = [key for key in eligible if _residual(rows[key], basis) <= tol]
+    residuals = {key: _residual(rows[key], basis) for key in eligible}
+    members = [key for key in eligible if residuals[key] <= tol]
     if len(members) < 2:
         return None
     codes = tuple(_codes(rows[key], basis) for key in members)
     sharing = Sharing(tuple(members), size, basis, codes,
-                      tuple(_residual(rows[key], basis) for key in members))
+                      tuple(residuals[key] for key in members))
     dense = sum(weights[key].size for key in members)
     return sharing if sharing.params < dense else None
 

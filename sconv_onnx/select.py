@@ -31,9 +31,9 @@ by the cost model (or by MACs for ``select="all"``): it is taken when it
 costs less than its layers would as decided alone (each its best single
 candidate where that would be rewritten, else the layer as is), and those
 layers are then its.  A *size-only* group candidate (a shared generator:
-its layers' own ops, fewer params) is decided after the single layers: it
-covers those of its layers that no candidate rewrote, when it stores fewer
-params for them than they hold.  Group candidates are not timed alone and
+its layers' own ops, fewer params) is decided last, after the single layers
+and a MAC budget: it covers those of its layers that nothing rewrote, when
+it stores fewer params for them than they hold.  Group candidates are not timed alone and
 are not offered to the MAC budget.
 """
 
@@ -118,16 +118,17 @@ def select(entries: list[SiteEntry], settings: Settings, excluded: dict[str, str
     taken: dict[Hashable, str] = {}  # key of a shared part -> the layer charged for it
     sized = [entry for entry in entries if entry.site.is_group and entry.exact
              and all(candidate.size_only for candidate in entry.exact)]
+    sized_ids = {id(entry) for entry in sized}
     for entry in entries:
-        if entry.site.is_group and entry not in sized:
+        if entry.site.is_group and id(entry) not in sized_ids:
             _decide_group(entry, layers, settings, excluded, taken)
     for layer in layers.values():
         if not layer.claimed:
             _decide(layer, settings, excluded, measurer, taken)
-    for entry in sized:
-        _decide_size(entry, layers, excluded, taken)
     if settings.target_macs is not None:
         _apply_budget(plan, layers, settings, excluded, taken)
+    for entry in sized:  # last: a budget may move these layers for MACs first
+        _decide_size(entry, layers, excluded, taken, settings)
     return plan
 
 
@@ -337,12 +338,12 @@ def _decide_group(entry: SiteEntry, layers: dict[str, _Layer], settings: Setting
 
 
 def _decide_size(entry: SiteEntry, layers: dict[str, _Layer], excluded: dict[str, str],
-                 taken: dict[Hashable, str]) -> None:
+                 taken: dict[Hashable, str], settings: Settings) -> None:
     """Take ``entry``'s size-only candidate for its layers that stayed as they were, when it
     stores fewer params for them (the parts of the whole site go to the first of them)."""
     members = [layers[info.key] for info in entry.site.layers]
     left = [m for m in members if m.plan.decision != REWRITE and m.info.key not in excluded]
-    if len(left) < 2:
+    if not left:
         return
     group = min(entry.exact, key=lambda candidate: candidate.params(taken))
     keys = tuple(m.info.key for m in left)
@@ -351,12 +352,13 @@ def _decide_size(entry: SiteEntry, layers: dict[str, _Layer], excluded: dict[str
     before = sum(m.info.params_before for m in left)
     if covered.params(taken) >= before:
         return
-    label = f"{group.family} {group.label}, {len(left)} of its {len(members)} layers"
+    label = f"{group.family} {group.label}, taken for {len(left)} of them"
     for index, member in enumerate(left):
         _fill(member.plan, covered, taken, member.info.key, first=index == 0)
         member.plan.best = covered
         member.plan.decision = REWRITE
-        member.plan.decided_by = "cost"
+        member.plan.decided_by = "all" if settings.select == "all" else "cost"
+        member.plan.measured_ratio = None
         member.plan.reason = (f"size ({label}): params {covered.params(taken) / before:.2f}x, "
                               "the same ops")
         member.claimed = True

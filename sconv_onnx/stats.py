@@ -72,15 +72,26 @@ def node_macs(node: onnx.NodeProto, shapes: dict) -> float | None:
 
 def constant_tensors(graph: onnx.GraphProto) -> set[str]:
     """Tensors of ``graph`` computed from constants alone: its initializers that are not
-    graph inputs, ``Constant`` outputs, and the outputs of nodes whose inputs are all
-    such (nodes in graph order, as ONNX sorts them)."""
+    graph inputs, ``Constant`` outputs, and the outputs of foldable nodes whose inputs are
+    all such (nodes in graph order, as ONNX sorts them)."""
     inputs = {value.name for value in graph.input}
     constant = {init.name for init in graph.initializer} - inputs
     for node in graph.node:
         if node.op_type == "Constant" or (
-                node.input and all(name in constant for name in node.input if name)):
+                node.input and all(name in constant for name in node.input if name)
+                and _foldable(node)):
             constant.update(node.output)
     return constant
+
+
+def _foldable(node: onnx.NodeProto) -> bool:
+    """A node onnxruntime can fold given constant inputs: of the standard domain, without
+    subgraphs (an ``If`` or ``Loop`` body reads tensors of the enclosing graph) and not
+    random."""
+    return (node.domain in ("", "ai.onnx") and not node.op_type.startswith("Random")
+            and not node.op_type.startswith("Multinomial")
+            and not any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for attr in node.attribute))
 
 
 def model_stats(model: onnx.ModelProto, shapes: dict) -> ModelStats:

@@ -152,3 +152,52 @@ def test_random_convs_are_left_to_the_other_families():
     model, _ = resnet.build("plain", (1, 1, 1, 1), False, resnet.plain, size="small")
     _, report = sconv_onnx.optimize(model, families=["csg"])
     assert report.plan.rewritten == []
+
+
+def test_two_generators_of_one_kernel_shape_are_both_found():
+    rng = np.random.default_rng(4)
+    first = csg.generated(rng, [(40, 40, 3, 3)] * 3, 8, 16)
+    second = csg.generated(rng, [(64, 64, 3, 3)] * 4, 16, 32)
+    weights = _float32({**{f"a{i}": w for i, w in enumerate(first)},
+                        **{f"b{i}": w for i, w in enumerate(second)}})
+    found = csg.find(weights, 1e-4)
+    assert sorted(sharing.keys for sharing in found) == [
+        ("a0", "a1", "a2"), ("b0", "b1", "b2", "b3")]
+    for sharing in found:
+        _check(sharing, weights, 1e-4)
+
+
+def _generated_chain(rng) -> onnx.ModelProto:
+    """Four 64 -> 64 3x3 convs (ReLU between) on 1x64x8x8, made by one generator (s = 8,
+    d = 24)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = csg.generated(rng, [(64, 64, 3, 3)] * 4, 8, 24)
+    inits, nodes, x = [], [], "x"
+    for index, weight in enumerate(weights):
+        inits.append(numpy_helper.from_array(weight.astype(np.float32), f"w{index}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{index}"], [f"c{index}"], name=f"conv{index}",
+                                      pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
+        x = f"r{index}"
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 64, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_mac_budget_moves_generated_layers_before_the_generator_stores_the_rest():
+    """The size rewrite is decided last: a MAC budget still takes the layers it needs, and
+    the generator stores the others (it never freezes a layer at its full MACs)."""
+    rng = np.random.default_rng(5)
+    model = _generated_chain(rng)
+    _, plain = sconv_onnx.optimize(model)
+    assert {layer.family for layer in plain.plan.rewritten} == {"csg"}
+    assert len(plain.plan.rewritten) == 4 and plain.verified
+    calib = {"x": rng.standard_normal((4, 64, 8, 8)).astype(np.float32)}
+    _, budget = sconv_onnx.optimize(model, target_macs=0.5, calib_data=calib, min_agreement=0,
+                                    max_error=10.0)
+    moved = [layer for layer in budget.plan.rewritten if layer.decided_by == "budget"]
+    assert moved and budget.after.macs <= 0.5 * budget.before.macs
+    stored = [layer for layer in budget.plan.rewritten if layer.family == "csg"]
+    assert len(moved) + len(stored) == 4

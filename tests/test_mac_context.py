@@ -104,3 +104,23 @@ def test_nodes_computed_from_constants_alone_count_no_macs():
         model.graph)
     stats = model_stats(model, infer_tensor_shapes(model))
     assert stats.macs == 8 * 36 * 8 * 9  # the conv's alone, not the MatMul's 8 * 72 * 4
+
+
+def test_a_branch_that_reads_the_outer_graph_is_not_constant():
+    """An ``If`` on a constant condition still computes from the graph's inputs (its
+    branches read them): what follows it counts its MACs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sconv_onnx.stats import constant_tensors
+
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "branch", [],
+                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])])
+    inits = [numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(np.ones((4, 8), np.float32), "w")]
+    nodes = [helper.make_node("If", ["cond"], ["h"], then_branch=branch, else_branch=branch),
+             helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert "h" not in constant_tensors(model.graph)

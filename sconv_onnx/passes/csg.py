@@ -15,7 +15,7 @@ layers, for those of its layers that no candidate rewrote (another family
 may make some faster: a generated conv with ``C = s^2`` is low rank), when
 it stores fewer params for them (:mod:`sconv_onnx.select`).
 
-Sites: Conv layers of one group in the main graph with a constant float
+Sites: Conv layers of one group in the main graph with a constant float32
 weight, grouped per :func:`sconv_onnx.csg.find` at :data:`SCREEN_TOL` (sites
 are made before the tolerance is known); the candidate holds at ``tol`` only
 when every member's residual does.  A BatchNormalization after a conv stays:
@@ -51,7 +51,7 @@ class GeneratorSite(Site):
 def _raw_weight(site: conv.ConvSite) -> np.ndarray | None:
     """The conv's own weight (not a BatchNormalization folded into it)."""
     weight = constant_value(site.node.inputs[1])
-    return weight if weight is not None and weight.dtype in (np.float32, np.float64) else None
+    return weight if weight is not None and weight.dtype == np.float32 else None
 
 
 class SharedGeneratorFamily(Family):
@@ -87,7 +87,7 @@ class SharedGeneratorFamily(Family):
                               member=member.layer.key))
         depth = max(math.prod(member.weight.shape[1:]) for member in site.members)
         label = (f"generator s={sharing.slice_size} d={sharing.code_size} "
-                 f"for {len(site.members)} layers")
+                 f"shared by {len(site.members)} layers")
         return [Candidate(self.name, label, max(sharing.residuals), tuple(parts), payload=sharing,
                           rounding_depth=depth + sharing.code_size + 2, size_only=True)]
 

@@ -93,15 +93,14 @@ class SharedGeneratorFamily(Family):
 
     def emit(self, site: Site, candidate: Candidate, emitter: Emitter) -> None:
         sharing: csg.Sharing = candidate.payload
-        first = next(member for member in site.members
-                     if member.layer.key in set(candidate.members or sharing.keys))
+        covered = set(candidate.members or sharing.keys)  # the layers the selector gave it
+        taken = [(member, codes) for member, codes in zip(site.members, sharing.codes)
+                 if member.layer.key in covered]
+        first = taken[0][0]
         dtype = _raw_weight(first).dtype
         generator = emitter.shared(("csg generator", id(sharing)), lambda: emitter.at(
             first.node, first.name).constant("csg_generator", sharing.basis.T.astype(dtype)))
-        covered = set(candidate.members or sharing.keys)
-        for member, codes in zip(site.members, sharing.codes):
-            if member.layer.key not in covered:
-                continue
+        for member, codes in taken:
             node, at = emitter.node(member.node), emitter.at(member.node, member.name)
             old_weight = node.inputs[1]
             flat = at.node("MatMul", "csg_rebuild", [at.constant("csg_codes", codes.astype(dtype)),

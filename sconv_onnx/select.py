@@ -325,14 +325,8 @@ def _decide_group(entry: SiteEntry, layers: dict[str, _Layer], settings: Setting
         return
     note = " (not measured: a group is decided by the cost model)" if (
         settings.select == "measured") else ""
-    for index, member in enumerate(members):
-        _fill(member.plan, group, taken, member.info.key, first=index == 0)
-        member.plan.best = group
-        member.plan.decision = REWRITE
-        member.plan.decided_by = "all" if settings.select == "all" else "cost"
-        member.plan.reason = f"group rewrite ({label}): predicted time {predicted:.2f}x{note}"
-        member.plan.folded = group.absorbs if index == 0 else ()
-        member.claimed = True
+    _claim(members, group, taken, settings,
+           f"group rewrite ({label}): predicted time {predicted:.2f}x{note}")
     for key in group.keys:
         taken.setdefault(key, members[0].info.key)
 
@@ -353,14 +347,22 @@ def _decide_size(entry: SiteEntry, layers: dict[str, _Layer], excluded: dict[str
     if covered.params(taken) >= before:
         return
     label = f"{group.family} {group.label}, taken for {len(left)} of them"
-    for index, member in enumerate(left):
-        _fill(member.plan, covered, taken, member.info.key, first=index == 0)
-        member.plan.best = covered
+    _claim(left, covered, taken, settings,
+           f"size ({label}): params {covered.params(taken) / before:.2f}x, the same ops")
+
+
+def _claim(members: list[_Layer], group: Candidate, taken: dict[Hashable, str],
+           settings: Settings, reason: str) -> None:
+    """Record ``group`` as the choice of each of ``members`` (the parts of the whole site,
+    and a folded node, go to the first)."""
+    for index, member in enumerate(members):
+        _fill(member.plan, group, taken, member.info.key, first=index == 0)
+        member.plan.best = group
         member.plan.decision = REWRITE
         member.plan.decided_by = "all" if settings.select == "all" else "cost"
         member.plan.measured_ratio = None
-        member.plan.reason = (f"size ({label}): params {covered.params(taken) / before:.2f}x, "
-                              "the same ops")
+        member.plan.reason = reason
+        member.plan.folded = group.absorbs if index == 0 else ()
         member.claimed = True
 
 

@@ -1,13 +1,17 @@
-"""ResNet-18s whose 3x3 convs a shared slice generator makes (CSG; Omidvar et al. 2021).
+"""ResNets whose 3x3 convs a shared slice generator makes (CSG; Omidvar et al. 2021).
 
-A plain ResNet-18 (:mod:`.resnet`) with the kernels of some 3x3 convs replaced
-by ``(Z_l G^T).reshape(O, C, 3, 3)`` from one random generator ``G`` and
-random codes ``Z_l`` (:func:`sconv_onnx.csg.generated`), scaled to a plain
-weight's mean square; the other layers keep their random weights.  Layouts:
+A plain ResNet (:mod:`.resnet`) with the kernels of some 3x3 convs replaced
+by ``(Z_l G^T).reshape(O_pad, C_pad, 3, 3)[:O, :C]`` from one random generator
+``G`` and random codes ``Z_l`` (:func:`sconv_onnx.csg.generated`), each scaled
+to a plain weight's mean square; the other layers keep their random weights.
+Layouts (:data:`LAYOUTS`, with the slice and code sizes the paper uses):
 
-* ``"firsts"``: the first 3x3 conv of each block, as the official ImageNet
-  code generates them (slice 16, code 128);
-* ``"blocks"``: both 3x3 convs of every block.
+* ``"firsts"``: ResNet-18, the first 3x3 conv of each block, as the official
+  ImageNet code generates them (slice 16, code 128);
+* ``"blocks"``: ResNet-18, both 3x3 convs of every block (slice 16, code 128);
+* ``"cifar"``: ResNet-20 at CIFAR widths 16/32/64, both 3x3 convs of every
+  block (slice 12, code 72: no width is a multiple of 12, so every slice is
+  padded).
 """
 
 from __future__ import annotations
@@ -22,27 +26,36 @@ from sconv_onnx import csg
 
 from . import resnet
 
-LAYOUTS = ("firsts", "blocks")
+#: Layout -> (slice size, code size).
+LAYOUTS = {"firsts": (16, 128), "blocks": (16, 128), "cifar": (12, 72)}
+
+
+def input_shape(layout: str) -> tuple[int, int, int, int]:
+    """The ``image`` input's shape for ``layout`` (the full size)."""
+    return resnet.CIFAR_INPUT if layout == "cifar" else resnet.input_shape()
 
 
 def generated_convs(model: onnx.ModelProto, layout: str) -> list[onnx.NodeProto]:
     """The 3x3 convs of the blocks that ``layout`` generates, in graph order."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, not {layout!r}")
     wanted = ("conv1",) if layout == "firsts" else ("conv1", "conv2")
     return [node for node in model.graph.node if node.op_type == "Conv"
             and node.name.startswith("layer") and node.name.rsplit(".", 1)[-1] in wanted]
 
 
-def build(layout: str = "firsts", slice_size: int = 16, code_size: int = 128, seed: int = 0,
-          size: str = "full") -> onnx.ModelProto:
-    """The model (input ``image``, output ``logits``)."""
-    model, _ = resnet.build(f"csg_resnet18_{layout}", (2, 2, 2, 2), False, resnet.plain,
-                            seed=seed, size=size)
+def build(layout: str = "firsts", seed: int = 0) -> onnx.ModelProto:
+    """The model (input ``image``, output ``logits``) at the layout's slice and code sizes."""
+    if layout == "cifar":
+        model, _ = resnet.cifar("csg_resnet20_cifar", 3, seed=seed)
+    else:
+        model, _ = resnet.build(f"csg_resnet18_{layout}", (2, 2, 2, 2), False, resnet.plain,
+                                seed=seed)
     initializers = {init.name: init for init in model.graph.initializer}
     convs = generated_convs(model, layout)
     shapes = [tuple(initializers[node.input[1]].dims) for node in convs]
     rng = np.random.default_rng(seed + 1)
+    slice_size, code_size = LAYOUTS[layout]
     for node, weight in zip(convs, csg.generated(rng, shapes, slice_size, code_size)):
         gain = math.sqrt(2.0 / math.prod(weight.shape[1:]) / np.mean(weight**2))
         initializers[node.input[1]].CopyFrom(
@@ -50,4 +63,4 @@ def build(layout: str = "firsts", slice_size: int = 16, code_size: int = 128, se
     return model
 
 
-__all__ = ["LAYOUTS", "build", "generated_convs"]
+__all__ = ["LAYOUTS", "build", "generated_convs", "input_shape"]

@@ -75,6 +75,31 @@ def build(name: str, blocks: tuple[int, ...], bottleneck: bool, rule_3x3: Rule,
     return model, g.claims
 
 
+#: Stage widths of the CIFAR ResNets (He et al. 2016, section 4.2: ResNet-20/32/44/56).
+CIFAR_WIDTHS = (16, 32, 64)
+CIFAR_CLASSES = 10
+CIFAR_INPUT = (1, 3, 32, 32)
+
+
+def cifar(name: str, blocks: int, rule_3x3: Rule = plain, *, seed: int = 0
+          ) -> tuple[onnx.ModelProto, Claims]:
+    """A CIFAR ResNet (``6 blocks + 2`` layers; ResNet-20 at ``blocks=3``) on 1x3x32x32:
+    a 3x3 stem to 16 channels, three stages of ``blocks`` basic blocks at widths 16, 32
+    and 64 (1x1 convs on the shortcuts that change shape), and a 10-class fc."""
+    g = NetBuilder(name, seed, 0.0, False)
+    x = g.relu("relu", g.conv_bn("conv1", INPUT_NAME, 3, CIFAR_WIDTHS[0], (3, 3), None, pad=1))
+    channels = CIFAR_WIDTHS[0]
+    for stage, planes in enumerate(CIFAR_WIDTHS, start=1):
+        for index in range(blocks):
+            stride = 2 if stage > 1 and index == 0 else 1
+            x, channels = _basic(g, f"layer{stage}.{index}", x, channels, planes, stride,
+                                 rule_3x3, plain)
+    g.classifier(x, channels, CIFAR_CLASSES)
+    model = g.model([float_input(INPUT_NAME, CIFAR_INPUT)],
+                    [float_input("logits", (1, CIFAR_CLASSES))])
+    return model, g.claims
+
+
 def _shortcut(g: NetBuilder, prefix: str, x: str, channels: int, out: int, stride: int,
               rule_1x1: Rule) -> str:
     if stride == 1 and channels == out:

@@ -34,7 +34,12 @@ from torch import nn
 from sconv_onnx import optimize
 from sconv_onnx.api import bench_models
 from sconv_onnx.report import Report, human
-from sconv_onnx.training import InterleavedRule, StructuralRegularizer, StructureSpec
+from sconv_onnx.training import (
+    DEFAULT_STRENGTH,
+    InterleavedRule,
+    StructuralRegularizer,
+    StructureSpec,
+)
 
 #: onnxruntime 1.31 refuses IR version 14 (onnx 1.23's default); the legacy exporter writes 8.
 MAX_IR_VERSION = 10
@@ -48,9 +53,9 @@ class Config:
     """Everything that sets the outcome (seeded: the same config gives the same accuracies).
 
     ``seeds``: trials ``0 .. seeds-1``, each with its own train/test split and
-    initialisation (shared by the three models).  ``strength``: the SR
-    model's lambda (the term is a sum of per-layer relative residuals, each
-    in ``[0, 1]``; the IGC model's is :data:`IGC_STRENGTH`).  ``width``: the first conv's output channels (the others
+    initialisation (shared by the three models).  ``strength``: the
+    regularized models' lambda (the term is a sum of per-layer relative
+    residuals, each in ``[0, 1]``), the regularizer's default.  ``width``: the first conv's output channels (the others
     are 2x and 4x).  ``test_fraction``: the share of the 1797 digits held
     out.  ``bench_batch``: the batch the latency is timed at.  ``budget``:
     the MAC fraction the plain model is compressed to with
@@ -62,7 +67,7 @@ class Config:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 3e-3
-    strength: float = 0.5
+    strength: float = DEFAULT_STRENGTH
     threads: int = 1
     test_fraction: float = 0.3
     bench_batch: int = 64
@@ -76,14 +81,12 @@ class Config:
 #: a 3x3 conv of 4 groups, an interleave and a 1x1 conv of 2 groups, R = O/8 (0.36 of the
 #: weights).  At R = O/16 (0.18) the projected model lost 2.5 points at every strength tried.
 IGC_SPEC = StructureSpec([InterleavedRule(kernel=3, in_groups=4, out_groups=2, rank_ratio=1.0)])
-#: The strength of the ``igc`` model's regularizer: at the ``sr`` model's 0.5 its layers ended
-#: 0.07 from their layouts and the projection cost 5 points; at 1.0, 2e-5 and nothing.
-IGC_STRENGTH = 1.0
-
 #: The models: name, regularizer strength (None: the config's ``strength``) and the
 #: structure each is regularized towards (when the strength is above 0) and projected onto.
+#: (At strength 0.5 the ``igc`` model's layers ended 0.07 from their layouts and the
+#: projection cost 5 points; at 1.0, 2e-5 and nothing.)
 VARIANTS = (("plain", 0.0, StructureSpec.paper()), ("sr", None, StructureSpec.paper()),
-            ("igc", IGC_STRENGTH, IGC_SPEC))
+            ("igc", None, IGC_SPEC))
 
 
 @dataclass

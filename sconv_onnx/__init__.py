@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "DEFAULT_MAX_ERROR": "api", "DEFAULT_TOL": "api", "analyze": "api", "optimize": "api",
-    "verify_models": "api",
+    "verify_models": "api", "distances": "api",
     "InputError": "errors", "SconvError": "errors", "VerificationError": "errors",
     "Family": "passes", "register": "passes", "registered": "passes", "unregister": "passes",
     "Candidate": "plan", "LayerPlan": "plan", "Part": "plan", "Plan": "plan",

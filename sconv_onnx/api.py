@@ -16,6 +16,7 @@ from .errors import InputError, first_line
 from .measure import Measurer
 from .modelio import load_model
 from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options, check_bound, check_timing
+from .passes import resolve
 from .plan import Plan
 from .report import Report
 from .runtime import run
@@ -28,6 +29,19 @@ def _options(calib_data, families, **settings) -> Options:
         families = families.split(",")
     options = Options(families=None if families is None else tuple(families), **settings)
     return options.check(calibration=calib_data is not None)
+
+
+def distances(model_or_path, spec, *, input_shapes=None) -> list:
+    """Each layer's relative residual to one box structure named for the whole model,
+    ``spec`` such as ``"c=C/2,n=2"`` (:mod:`sconv_onnx.distance`): a list of
+    :class:`~sconv_onnx.distance.Distance`: the Conv layers in graph order, then the
+    ConvTranspose, then the Gemm and MatMul layers."""
+    from . import distance
+
+    parsed = spec if isinstance(spec, distance.Spec) else distance.parse_spec(spec)
+    view, _, _ = pipeline.view_of(load_model(model_or_path), input_shapes)
+    [box] = resolve(["box"])
+    return distance.distances(box.find(view), parsed)
 
 
 def analyze(
@@ -45,6 +59,7 @@ def analyze(
     seed: int = 0,
     min_agreement: float | None = None,
     sequential_fit: bool = True,
+    int8: bool = False,
 ) -> Plan:
     """Plan without rewriting: per layer the candidates, the choice, its cost and the reason.
 
@@ -53,12 +68,12 @@ def analyze(
     ``families``: names (a list or ``"a,b"``) of the structure families to
     ask; every registered one by default.  ``calib_data`` (an ``.npz`` path or
     a dict of arrays) adds each layer's output error; with ``target_macs``,
-    the budget's choices (see :func:`optimize`; ``min_agreement`` and
-    ``sequential_fit`` as there).
+    the budget's choices (see :func:`optimize`; ``min_agreement``,
+    ``sequential_fit`` and ``int8`` as there).
     """
     options = _options(calib_data, families, tol=tol, select=select, target_macs=target_macs,
                        alpha_fit=alpha_fit, seed=seed, threads=threads,
-                       min_agreement=min_agreement, sequential_fit=sequential_fit)
+                       min_agreement=min_agreement, sequential_fit=sequential_fit, int8=int8)
     model = load_model(model_or_path)
     batches, inputs = pipeline.calibration_batches(model, calib_data, inputs)
     analysis = pipeline.analyse(model, options, input_shapes, inputs, strict=False, batches=batches)
@@ -84,6 +99,7 @@ def optimize(
     min_agreement: float | None = None,
     strict_target: bool = False,
     sequential_fit: bool = True,
+    int8: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite every layer the plan selects; verify with onnxruntime.
 
@@ -145,6 +161,11 @@ def optimize(
             that fit where it brings the model closer to the original on
             the calibration data (False: each layer fitted on the original
             model's inputs only).
+        int8: the written model will be quantized to int8 (onnxruntime's
+            ``quantize_static``/``quantize_dynamic``): leave out rewrites
+            int8 cannot hold (:attr:`sconv_onnx.plan.Candidate.int8_risk`):
+            pools over channels or input features, and weights rebuilt in
+            the graph (shared generators); spatial pools stay.
 
     Returns:
         ``(model, report)``.  The input model is never modified.  Weights
@@ -163,7 +184,7 @@ def optimize(
     options = _options(calib_data, families, tol=tol, select=select, target_macs=target_macs,
                        alpha_fit=alpha_fit, seed=seed, threads=threads,
                        min_agreement=min_agreement, strict_target=strict_target,
-                       sequential_fit=sequential_fit)
+                       sequential_fit=sequential_fit, int8=int8)
     check_bound(max_error)
     return pipeline.optimize(model_or_path, options, input_shapes=input_shapes, inputs=inputs,
                              verify=verify, max_error=max_error, calib_data=calib_data)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .progress import phase
 from .runtime import session
 
 #: Runs of each model before its profile counts (allocations, first-run layout work).
@@ -74,12 +75,14 @@ class BenchResult:
         return asdict(self)
 
 
-def time_sessions(sessions: list, feeds: dict | list[dict], runs: int, warmup: int) -> np.ndarray:
+def time_sessions(sessions: list, feeds: dict | list[dict], runs: int, warmup: int,
+                  on_round=None) -> np.ndarray:
     """Seconds per run, shape ``(len(sessions), runs)``, interleaved in rotating order.
 
     ``feeds`` is one dict for all sessions or one per session.  Round ``r``
     starts with session ``r mod n`` so that no model always runs first (or
-    right after another particular one).
+    right after another particular one).  ``on_round()`` is called after
+    each round (progress).
     """
     feeds = feeds if isinstance(feeds, list) else [feeds] * len(sessions)
     for sess, feed in zip(sessions, feeds):
@@ -93,6 +96,8 @@ def time_sessions(sessions: list, feeds: dict | list[dict], runs: int, warmup: i
             start = time.perf_counter()
             sessions[index].run(None, feeds[index])
             seconds[index, round_index] = time.perf_counter() - start
+        if on_round is not None:
+            on_round()
     return seconds
 
 
@@ -114,7 +119,8 @@ def bench(
     threads = threads or default_threads()
     names = names or [f"model {i}" for i in range(len(models))]
     sessions = [timing_session(model, threads) for model in models]
-    seconds = time_sessions(sessions, feeds, runs, warmup)
+    with phase("benchmark", runs, "rounds") as running:
+        seconds = time_sessions(sessions, feeds, runs, warmup, running.advance)
     timings = [
         Timing(name, float(np.median(row) * 1e3), float(np.percentile(row, 90) * 1e3), runs)
         for name, row in zip(names, seconds)

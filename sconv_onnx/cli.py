@@ -1,21 +1,23 @@
 """The ``sconv-onnx`` command: optimize, analyze, verify, bench, families, demo.
 
 Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad input or
-usage (one line on stderr); 3 internal error (one line; set
-``SCONV_ONNX_DEBUG=1`` for the traceback).
+usage (one line on stderr; a bare ``sconv-onnx`` prints its usage); 3
+internal error (one line; set ``SCONV_ONNX_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .api import analyze, bench_models, optimize, verify_models
+from . import progress
+from .api import analyze, bench_models, distances, optimize, verify_models
 from .bench import default_threads, format_result
+from .distance import distance_table, parse_spec
 from .errors import (
     PROG,
     InputError,
@@ -27,10 +29,10 @@ from .errors import (
     stopped,
 )
 from .modelio import check_output_paths, model_files, save_model, write_atomic
-from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, check_bound, check_timing
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TOL, Options, check_bound, check_timing
 from .passes import registered, resolve
 from .plan import SELECT_MODES
-from .report import json_text, layer_table, table
+from .report import json_text, layer_table, stamped, table, tool_info
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,20 +99,55 @@ def _add_planning_options(parser: argparse.ArgumentParser) -> None:
                         help="cost: rewrite where the cost model predicts a gain (default); "
                              "all: every layer within --tol; measured: time the best candidates "
                              "of each layer on its real shapes and keep only measured wins")
+    parser.add_argument("--int8", action="store_true",
+                        help="the output will be quantized to int8: leave out rewrites int8 "
+                             "cannot hold (pools over channels or input features, and weights "
+                             "rebuilt in the graph by shared generators); spatial pools stay")
     parser.add_argument("--families", metavar="A,B", default=None,
                         help="structure families to look for, comma-separated (default: all "
                              f"registered: {','.join(registered())})")
 
 
+def _verbosity_options() -> argparse.ArgumentParser:
+    """``-v``/``-q``, shared by every command (:mod:`sconv_onnx.progress`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log each phase's time on stderr")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars or log lines; optimize prints its summary line "
+                            "(and --bench's timings) instead of the whole report")
+    return common
+
+
+def versions() -> str:
+    """This tool's version and those of the libraries it runs on, one per line."""
+    info = tool_info()
+    found = [(PROG, info["version"]), *info["dependencies"].items()]
+    return "\n".join(f"{name} {version}" for name, version in found)
+
+
+class _Versions(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Rewrite layers whose constant weights have a known "
                                             "structure into cheaper nodes, verified by onnxruntime.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action=_Versions)
+    common = _verbosity_options()
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    opt = commands.add_parser("optimize", help="rewrite structured layers, verify, save")
-    opt.add_argument("input", metavar="IN")
-    opt.add_argument("output", metavar="OUT")
+    opt = commands.add_parser("optimize", help="rewrite structured layers, verify, save",
+                              parents=[common])
+    opt.add_argument("input", metavar="IN", help="the ONNX model to read (never modified)")
+    opt.add_argument("output", metavar="OUT",
+                     help="where to write the rewritten model (written only after it verifies)")
     _add_planning_options(opt)
     _add_shape_options(opt)
     _add_calibration_options(opt)
@@ -128,37 +165,46 @@ def _build_parser() -> argparse.ArgumentParser:
                           "to the run, so concurrent writers never mix files; default: only when "
                           "the model is above protobuf's 2 GiB limit; --no-external-data "
                           "refuses such a model instead)")
-    opt.add_argument("--quiet", action="store_true", help="print only the summary line")
     opt.add_argument("--bench", action="store_true",
                      help="time the original and the rewritten model side by side at the end")
     _add_timing_options(opt)
 
-    ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting")
-    ana.add_argument("input", metavar="IN")
+    ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting",
+                              parents=[common])
+    ana.add_argument("input", metavar="IN", help="the ONNX model to read")
     _add_planning_options(ana)
     _add_shape_options(ana, inputs=False)
     _add_calibration_options(ana)
     ana.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ana.add_argument("--distance", metavar="SPEC",
+                     help="instead of the plan, print each layer's relative residual to one box "
+                          "structure, e.g. c=C/2,n=2 (c: an integer or C scaled, C being the "
+                          "layer's input channels; n: an integer or K, per kernel axis)")
 
-    ver = commands.add_parser("verify", help="compare two models' outputs in onnxruntime")
-    ver.add_argument("first", metavar="A")
-    ver.add_argument("second", metavar="B")
+    ver = commands.add_parser("verify", help="compare two models' outputs in onnxruntime",
+                              parents=[common])
+    ver.add_argument("first", metavar="A", help="the reference model")
+    ver.add_argument("second", metavar="B", help="the model to compare with it")
     _add_shape_options(ver)
     ver.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
                      help=f"exit 1 above this relative error (default {DEFAULT_MAX_ERROR:g})")
 
-    ben = commands.add_parser("bench", help="time one model, or two side by side (A/B)")
-    ben.add_argument("first", metavar="A")
-    ben.add_argument("second", metavar="B", nargs="?")
+    ben = commands.add_parser("bench", help="time one model, or two side by side (A/B)",
+                              parents=[common])
+    ben.add_argument("first", metavar="A", help="the model to time (the reference of a ratio)")
+    ben.add_argument("second", metavar="B", nargs="?",
+                     help="a second model, timed side by side with A (ratios B/A)")
     _add_shape_options(ben)
     _add_timing_options(ben)
     ben.add_argument("--profile", action="store_true",
                      help="add a per-op-type breakdown from onnxruntime's profiler")
     ben.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    commands.add_parser("families", help="list the structure families --families can name")
+    commands.add_parser("families", help="list the structure families --families can name",
+                        parents=[common])
 
-    demo = commands.add_parser("demo", help="build the bundled example CNN, optimize and verify it")
+    demo = commands.add_parser("demo", help="build the bundled example CNN, optimize and verify it",
+                               parents=[common])
     demo.add_argument("--out", metavar="DIR", default=None,
                       help="folder for demo_cnn.onnx and its rewrite (default: a temporary folder)")
     return parser
@@ -173,8 +219,10 @@ def _summary_line(report, out: str) -> str:
         verdict = f", UNBOUNDED: max rel error {report.max_rel_error:.2g} (no --max-error)"
     else:
         verdict = f", {report.status}: max rel error {report.max_rel_error:.2g}"
+    measured = (f", whole model measured {plan.model_ratio:.3f}x" if plan.model_ratio is not None
+                else "")
     return (f"wrote {out}: {len(plan.rewritten)}/{len(plan.layers)} layers rewritten, "
-            f"params x{after.params / max(1, before.params):.3f}{macs}{verdict}")
+            f"params x{after.params / max(1, before.params):.3f}{macs}{measured}{verdict}")
 
 
 def _optimize(args) -> int:
@@ -189,7 +237,7 @@ def _optimize(args) -> int:
             inputs=args.inputs, verify=not args.no_verify, max_error=args.max_error,
             threads=args.threads, calib_data=args.calib_data, target_macs=args.target_macs,
             alpha_fit=args.alpha_fit, min_agreement=args.min_agreement,
-            strict_target=args.strict_target, sequential_fit=args.sequential_fit,
+            strict_target=args.strict_target, sequential_fit=args.sequential_fit, int8=args.int8,
         )
     except VerificationError as exc:
         if exc.report is not None and not args.quiet:
@@ -198,7 +246,7 @@ def _optimize(args) -> int:
     data = save_model(model, args.output, external_data=args.external_data,
                       keep=input_files)
     del model  # --bench reads both models from their files
-    if args.report:
+    if args.report:  # written now, and again with the timings: a failed bench loses nothing
         write_atomic(args.report, json_text(report.to_dict()).encode())
     if not args.quiet:
         print(report.format())
@@ -209,7 +257,10 @@ def _optimize(args) -> int:
             [args.input, args.output], names=["original", "rewritten"], input_shapes=args.input_shape,
             inputs=args.inputs, threads=args.threads, runs=args.runs, warmup=args.warmup,
         )
+        report.bench = result.to_dict()
         print(format_result(result))
+        if args.report:
+            write_atomic(args.report, json_text(report.to_dict()).encode())
     return 0
 
 
@@ -220,7 +271,7 @@ def _bench(args) -> int:
         threads=args.threads, runs=args.runs, warmup=args.warmup, profile=args.profile,
     )
     if args.json:
-        print(json_text(result.to_dict()), end="")
+        print(json_text(stamped(result.to_dict())), end="")
     else:
         for name, path in zip(("A", "B"), paths):
             print(f"{name}: {path}")
@@ -228,13 +279,30 @@ def _bench(args) -> int:
     return 0
 
 
+#: analyze's options that --distance does not read, with their defaults.
+_NOT_FOR_DISTANCE = {"select": "cost", "families": None, "int8": False, "calib_data": None,
+                     "target_macs": None, "min_agreement": None}
+
+
 def _analyze(args) -> int:
+    if args.distance is not None:
+        given = [name for name, default in _NOT_FOR_DISTANCE.items()
+                 if getattr(args, name) != default]
+        if given:
+            raise InputError(f"--distance reads only --tol, --input-shape and --json, not "
+                             f"--{given[0].replace('_', '-')}")
+        Options(tol=args.tol).check()
+        spec = parse_spec(args.distance)
+        found = distances(args.input, spec, input_shapes=args.input_shape)
+        print(json_text(stamped({"distance": spec.text, "layers": [d.to_dict() for d in found]}))
+              if args.json else distance_table(found, spec, args.tol), end="" if args.json else "\n")
+        return 0
     plan = analyze(args.input, tol=args.tol, select=args.select, families=args.families,
                    input_shapes=args.input_shape,
                    calib_data=args.calib_data, target_macs=args.target_macs,
                    alpha_fit=args.alpha_fit, min_agreement=args.min_agreement,
-                   sequential_fit=args.sequential_fit)
-    print(json_text(plan.to_dict()) if args.json else layer_table(plan) + "\n", end="")
+                   sequential_fit=args.sequential_fit, int8=args.int8)
+    print(json_text(stamped(plan.to_dict())) if args.json else layer_table(plan) + "\n", end="")
     return 0
 
 
@@ -265,18 +333,26 @@ def _demo(args) -> int:
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"{args.out}: is a file; --out takes a folder")
-    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sconv-demo-"))
+    temporary = args.out is None
+    folder = Path(tempfile.mkdtemp(prefix="sconv-demo-")) if temporary else Path(args.out)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot make the folder ({exc.strerror or exc})") from None
-    source, target = folder / "demo_cnn.onnx", folder / "demo_cnn.sconv.onnx"
-    check_output_paths(None, source, target)
-    save_model(demo_cnn.build(), source)
-    print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured)")
-    print(f"$ {PROG} optimize {source} {target}\n")
-    return _optimize(_build_parser().parse_args(
-        ["optimize", str(source), str(target), "--bench", "--runs", "50"]))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot make the folder ({exc.strerror or exc})") from None
+        source, target = folder / "demo_cnn.onnx", folder / "demo_cnn.sconv.onnx"
+        check_output_paths(None, source, target)
+        save_model(demo_cnn.build(), source)
+        kept = "removed at the end; --out DIR keeps them" if temporary else "kept"
+        print(f"built {source} (a small CNN whose 3x3 and 1x1 conv weights are structured; "
+              f"the files are {kept})")
+        print(f"$ {PROG} optimize {source} {target}\n")
+        verbosity = ["-q"] if args.quiet else ["-v"] * args.verbose
+        return _optimize(_build_parser().parse_args(
+            ["optimize", str(source), str(target), "--bench", "--runs", "50", *verbosity]))
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _families(args) -> int:
@@ -300,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         with command_line_names():
-            args = _build_parser().parse_args(argv)
+            parser = _build_parser()
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help(sys.stderr)
+                return 2
+            progress.configure(-1 if args.quiet else args.verbose)
             check_timing(vars(args))
             code = _COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit

@@ -28,8 +28,9 @@ Detection, per kernel shape and slice size (:func:`find`):
   the others' span);
 * the layers that show it are joined: their row spaces (each truncated to
   its rank, weighted by the singular values) are stacked and decomposed
-  again, and the rank within the tolerance is the shared ``d`` (an affine
-  generator, ``Z G^T + 1 b^T``, is one dimension more);
+  again, and the rank within half the tolerance (:data:`RANK_SHARE`) is the
+  shared ``d`` (an affine generator, ``Z G^T + 1 b^T``, is one dimension
+  more);
 * every layer of that kernel is a member when its slices lie in that span
   within the tolerance: its relative residual ``||X_l - Z_l G^T|| / ||X_l||``
   with the least-squares codes ``Z_l``.
@@ -65,12 +66,17 @@ SLICE_SIZES = (8, 12, 16, 32)
 #: A layer shows a generator alone when its slices' rank is at most this share of the
 #: slice matrix's shorter side.
 ALONE_SHARE = 0.5
+#: A layer tried together with others stays when its slices lie within this multiple of
+#: the tolerance of the others' top directions (a layer the generator did not make lies far
+#: outside them: a residual near 1).
+LEAVE_OUT_SLACK = 10.0
 #: Elements of the layers of one kernel shape tried together when none shows a generator
 #: alone (small layers: CIFAR widths); above, they are not.
 MAX_TOGETHER = 4_000_000
-#: A padded layer helps find the span (rather than only being tested against it) when at
-#: least this share of its slices' entries are its weight's: a thin layer (a 3-channel stem
-#: padded to 12) would leave few columns common to every slice.
+#: When the layers are tried together, a padded layer helps find the span (rather than only
+#: being tested against it) when at least this share of its slices' entries are its
+#: weight's: a thin layer (a 3-channel stem padded to 12) would leave few columns common to
+#: every slice.  (A layer that shows a generator alone always helps.)
 MIN_OBSERVED = 0.5
 #: Weights of the layers of one kernel shape above which the masked fit is not tried (its
 #: least squares touch every slice entry several times; CIFAR ResNet-20's 3x3 convs hold
@@ -84,8 +90,9 @@ FIT_ROUNDS = 3
 class Sharing:
     """Layers whose kernels one generator makes: ``keys`` (in the order given to
     :func:`find`), the slice size, the ``generator`` (``L x d``; orthonormal columns when
-    every member's slices are complete), each member's ``codes`` (``n_l x d``, one row per
-    slice that holds weight entries) and relative ``residuals``."""
+    found from complete slices, the masked fit's least squares otherwise), each member's
+    ``codes`` (``n_l x d``, one row per slice that holds weight entries) and relative
+    ``residuals``; generator and codes in the members' dtype."""
 
     keys: tuple[str, ...]
     slice_size: int
@@ -304,7 +311,7 @@ def _shows_generator(rows: np.ndarray, tol: float) -> bool:
 def _together(rows: dict[str, np.ndarray], tol: float) -> list[str]:
     """The layers of ``rows`` (slice matrices on common columns) that show a generator
     together when none shows one alone: all of them stacked must (rank ``r`` within
-    ``tol``), and each stays only when its slices lie within :data:`SCREEN_SLACK` ``tol``
+    ``tol``), and each stays only when its slices lie within :data:`LEAVE_OUT_SLACK` ``tol``
     of the others' top ``r`` directions (leave one out; a layer the generator did not
     make is far outside them)."""
     keys = list(rows)
@@ -317,7 +324,7 @@ def _together(rows: dict[str, np.ndarray], tol: float) -> list[str]:
     rank = _rank(energy, float(energy.sum()), tol)
     kept = [key for key in keys if _residual(rows[key], _top(
         np.concatenate([rows[other] for other in keys if other != key]), rank)[1].T)
-        <= SCREEN_SLACK * tol]
+        <= LEAVE_OUT_SLACK * tol]
     return kept if len(kept) > 1 else []
 
 
@@ -366,12 +373,15 @@ def _saved(sharing: Sharing, weights: dict[str, np.ndarray]) -> int:
 def _sharing(weights: dict[str, np.ndarray], size: int, generator: np.ndarray,
              fits: dict[str, tuple[np.ndarray, float]], tol: float) -> Sharing | None:
     """The sharing of the layers whose fit (codes, residual) is within ``tol``, when there
-    are two or more and it stores fewer numbers than their kernels."""
+    are two or more and it stores fewer numbers than their kernels; the generator and codes
+    in the members' dtype (the rewrite stores them so; float64 only doubles what a run
+    holds)."""
     members = [key for key, (_, residual) in fits.items() if residual <= tol]
     if len(members) < 2:
         return None
-    sharing = Sharing(tuple(members), size, generator,
-                      tuple(fits[key][0] for key in members),
+    dtype = np.result_type(*(weights[key].dtype for key in members))
+    sharing = Sharing(tuple(members), size, generator.astype(dtype),
+                      tuple(fits[key][0].astype(dtype) for key in members),
                       tuple(fits[key][1] for key in members))
     return sharing if sharing.params < sum(weights[key].size for key in members) else None
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .bench import default_threads, time_sessions, timing_session
+from .progress import Phase
 
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                "tensor(double)": np.float64}
@@ -32,6 +33,8 @@ class Measurer:
         self.runs = runs
         self.warmup = warmup
         self.cache: dict[tuple, float] = {}
+        #: advanced after each timing that was not cached (:mod:`sconv_onnx.progress`)
+        self.progress: Phase | None = None
 
     def ratios(self, original: tuple[Hashable, ModelBuilder],
                variants: list[tuple[Hashable, ModelBuilder]]) -> list[float]:
@@ -50,6 +53,8 @@ class Measurer:
             seconds = time_sessions(sessions, _random_feeds(sessions), self.runs, self.warmup)
             for (sig, _), row in zip(missing, seconds[1:]):
                 self.cache[(key, sig, self.threads)] = float(np.median(row / seconds[0]))
+            if self.progress is not None:
+                self.progress.advance()
         return [self.cache[(key, sig, self.threads)] for sig, _ in variants]
 
 

@@ -46,6 +46,9 @@ class Options:
     #: a budget's layers fitted again, one after the other, on the inputs they receive in
     #: the compressed model (False: one-shot fits on the original model's inputs)
     sequential_fit: bool = True
+    #: the model will be quantized to int8: only candidates whose tensors int8 holds
+    #: (:attr:`sconv_onnx.plan.Candidate.int8_risk`)
+    int8: bool = False
 
     def check(self, calibration: bool = False) -> Options:
         """Raise :class:`InputError` on a bad setting; ``calibration``: data was given."""

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from . import endtoend, layercheck, revert
 from .calibration import accuracy_proxy, load_calibration, run_batches, sample_tensors
 from .context import context_feeds, context_shapes, with_observed
-from .errors import InputError, VerificationError, first_line
+from .errors import InputError, VerificationError, first_line, param
 from .layercheck import FAIL
 from .measure import Measurer
 from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
@@ -31,6 +31,7 @@ from .passes import resolve
 from .passes.base import Emitter
 from .passes.graphs import is_sorted
 from .plan import Plan
+from .progress import phase, track
 from .report import Report
 from .runtime import run
 from .select import Settings, SiteEntry, select
@@ -75,22 +76,48 @@ def resolve_inputs(model: onnx.ModelProto, input_shapes, inputs,
     return feeds, resolve_input_shapes(model, hints, feeds, strict=strict)
 
 
+def view_of(model: onnx.ModelProto, input_shapes=None, inputs=None, strict: bool = False,
+            seed: int = 0) -> tuple[ModelView, dict | None, ResolvedShapes]:
+    """The graph view of ``model`` at its MAC context shapes, the user's feeds and the
+    resolved input shapes."""
+    feeds, shapes = resolve_inputs(model, input_shapes, inputs, strict)
+    context = context_shapes(model, shapes.shapes)
+    return ModelView.of(model, context, observer(model, context, feeds, seed)), feeds, shapes
+
+
 def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=None,
             strict: bool = True, batches: list[dict] | None = None) -> Analysis:
     """Shapes, the graph view, each family's sites and candidates; with calibration
     ``batches``, the candidates' output errors (and a budget's approximate candidates)."""
-    feeds, shapes = resolve_inputs(model, input_shapes, inputs, strict)
-    context = context_shapes(model, shapes.shapes)
-    view = ModelView.of(model, context, observer(model, context, feeds, options.seed))
+    view, feeds, shapes = view_of(model, input_shapes, inputs, strict, options.seed)
+    context = view.context
     families = resolve(options.families)
-    entries = [SiteEntry(family, site, family.candidates(site, float(options.tol)))
-               for family in families for site in family.find(view)]
+    entries = []
+    with phase("structure search", unit="sites") as running:
+        for family in families:
+            running.note(family.name)
+            for site in family.find(view):
+                entries.append(SiteEntry(family, site, _for_int8(
+                    site, family.candidates(site, float(options.tol)), options.int8)))
+                running.advance()
     analysis = Analysis(view, options, tuple(family.name for family in families), entries, shapes,
                         feeds, batches, list(shapes.notes) + context_notes(shapes.shapes, context,
                                                                            view.observed))
     if batches is not None:
         calibrate(analysis)
     return analysis
+
+
+def _for_int8(site, candidates: list, int8: bool) -> list:
+    """``candidates`` less those int8 cannot hold, when ``int8``; a site left with none says
+    why in :attr:`~sconv_onnx.passes.base.Site.filtered` (the candidates' ``int8_risk``)."""
+    if not int8:
+        return candidates
+    kept = [candidate for candidate in candidates if candidate.int8_safe]
+    if candidates and not kept:
+        risks = dict.fromkeys(candidate.int8_risk for candidate in candidates)
+        site.filtered = f"{param('int8')}: {'; '.join(risks)}"
+    return kept
 
 
 def observer(model: onnx.ModelProto, context: dict, feeds: dict | None, seed: int):
@@ -135,11 +162,13 @@ def calibrate(analysis: Analysis) -> None:
     wanted = [(entry, entry.family.calibration(entry.site, options.seed))
               for entry in analysis.entries]
     wanted = [(entry, request) for entry, request in wanted if request is not None]
-    samples = sample_tensors(analysis.view.model, analysis.batches,
-                             [(request.tensor, request.sampler) for _, request in wanted])
-    for (entry, _), sample in zip(wanted, samples):
-        entry.candidates = entry.family.calibrate(
-            entry.site, entry.candidates, sample, options.target_macs is not None, options.alpha_fit)
+    with phase("calibration inputs"):
+        samples = sample_tensors(analysis.view.model, analysis.batches,
+                                 [(request.tensor, request.sampler) for _, request in wanted])
+    for (entry, _), sample in track(list(zip(wanted, samples)), "calibration", unit="sites"):
+        entry.candidates = _for_int8(entry.site, entry.family.calibrate(
+            entry.site, entry.candidates, sample, options.target_macs is not None,
+            options.alpha_fit), options.int8)
 
 
 def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
@@ -151,7 +180,9 @@ def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
     settings = Settings(float(options.tol), options.select, options.target_macs,
                         options.alpha_fit if options.target_macs is not None else None)
     if options.target_macs is None:
-        return select(analysis.entries, settings, excluded, measurer, analysis.families)
+        decided = select(analysis.entries, settings, excluded, measurer, analysis.families)
+        decided.int8 = options.int8
+        return decided
 
     def decide(sensitivity, max_moves):
         return select(analysis.entries, dataclasses.replace(
@@ -160,10 +191,12 @@ def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
 
     owners = {id(candidate): entry for entry in analysis.entries for candidate in entry.candidates}
     sequential = options.sequential_fit and options.alpha_fit == "data"
-    trial = endtoend.choose(decide, lambda chosen, refits: rewrite(analysis, chosen, refits),
-                            lambda candidate: owners[id(candidate)], analysis.view.model,
-                            analysis.batches, options.min_agreement, max_error, sequential,
-                            options.seed)
+    with phase("budget"):
+        trial = endtoend.choose(decide, lambda chosen, refits: rewrite(analysis, chosen, refits),
+                                lambda candidate: owners[id(candidate)], analysis.view.model,
+                                analysis.batches, options.min_agreement, max_error, sequential,
+                                options.seed)
+    trial.plan.int8 = options.int8
     for layer in trial.plan.layers:
         if layer.key in trial.held and not layer.rewritten:
             layer.reason = f"budget: left alone: {trial.held[layer.key]}"
@@ -283,16 +316,24 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     analysis = analyse(source, options, input_shapes, inputs, strict=verify, batches=batches)
     measurer = Measurer(threads=options.threads) if options.select == "measured" else None
     excluded: dict[str, str] = {}
+    checked: list[tuple[float, int]] = []  # the whole-model checks: (ratio, layers for speed)
     while True:
-        decided = plan(analysis, excluded, measurer, max_error)
+        with phase("timing candidates" if measurer else "selection", unit="timings") as running:
+            if measurer is not None:
+                measurer.progress = running
+            decided = plan(analysis, excluded, measurer, max_error)
         rewritten = rewrite(analysis, decided)
         if measurer is None or not revert.for_speed(decided):
             break
-        decided.model_ratio = revert.whole_model_ratio(
-            runnable, rewritten, analysis.verification_feeds(options.seed), measurer.threads)
+        with phase("whole-model check"):
+            decided.model_ratio = revert.whole_model_ratio(
+                runnable, rewritten, analysis.verification_feeds(options.seed), measurer.threads)
+        checked.append((decided.model_ratio, len(revert.for_speed(decided))))
         if decided.model_ratio <= revert.WHOLE_MODEL_MARGIN:
             break
         revert.exclude_least_gainful(decided, decided.model_ratio, excluded)
+    if checked:
+        decided.notes.append(revert.check_note(checked, decided.model_ratio is not None))
     layer_base = default_max_error(source, decided)
     if max_error is None and options.tol <= DEFAULT_TOL and options.target_macs is None:
         max_error = layer_base
@@ -320,17 +361,19 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     if large:
         gc.collect()
     if verify:
-        report.layer_checks = layercheck.check_layers(
-            source, rewritten, decided.rewritten, shapes,
-            layer_base if max_error is None else max_error, options.seed, feeds)
+        with phase("layer checks"):
+            report.layer_checks = layercheck.check_layers(
+                source, rewritten, decided.rewritten, shapes,
+                layer_base if max_error is None else max_error, options.seed, feeds)
     del source
     if large:
         gc.collect()
     if verify:
-        report.errors = verify_outputs(runnable, rewritten, feeds, report.notes)
-        if batches is not None:
-            report.calibration = accuracy_proxy(run_batches(runnable, batches),
-                                                run_batches(rewritten, batches))
+        with phase("verification"):
+            report.errors = verify_outputs(runnable, rewritten, feeds, report.notes)
+            if batches is not None:
+                report.calibration = accuracy_proxy(run_batches(runnable, batches),
+                                                    run_batches(rewritten, batches))
         if report.status == FAIL:
             raise VerificationError(f"verification failed: {report.outcome()}", report)
     if unmet:

@@ -22,6 +22,11 @@ from typing import Any, Literal
 
 from .cost import OpCost, total_cost
 
+#: :attr:`Candidate.int8_risk` of a rewrite that pools over channels or input features.
+CHANNEL_SUMS = "it pools over channels, whose sums int8 cannot hold"
+#: :attr:`Candidate.int8_risk` of a rewrite that computes the layer's weight in the graph.
+REBUILT_WEIGHT = "it rebuilds the weight in the graph, which onnxruntime's quantizers refuse"
+
 Decision = Literal["rewrite", "keep"]
 #: How candidates are chosen (:mod:`sconv_onnx.select`).
 SelectMode = Literal["cost", "all", "measured"]
@@ -90,6 +95,14 @@ class Candidate:
     kernel rebuilt from constants, folded when the model is loaded) and
     stores fewer params; ``members`` names the layer keys a group candidate
     covers when the selector took it for some of its site's layers (None: all).
+    ``int8_risk`` says why int8 quantization would not hold the rewrite
+    (empty: it would; ``optimize(int8=True)`` leaves such candidates out):
+    :data:`CHANNEL_SUMS` (sums over many channels, whose common part fills
+    the 256 levels while the small conv after them takes differences of
+    neighbouring windows; CumSum running sums are worse) or
+    :data:`REBUILT_WEIGHT` (a weight computed in the graph, which onnxruntime's
+    quantizers refuse: they want initializers).  Small spatial windows are
+    safe.
     """
 
     family: str
@@ -105,6 +118,11 @@ class Candidate:
     output_error_weight_alpha: float | None = None
     size_only: bool = False
     members: tuple[str, ...] | None = None
+    int8_risk: str = ""
+
+    @property
+    def int8_safe(self) -> bool:
+        return not self.int8_risk
 
     def _unshared(self, taken: Iterable[Hashable]) -> list[Part]:
         taken = set(taken)
@@ -154,6 +172,7 @@ class Candidate:
             "rounding_depth": self.rounding_depth,
             "approximate": self.approximate,
             "details": self.details(),
+            "int8_risk": self.int8_risk,
         }
 
 
@@ -218,7 +237,10 @@ class LayerPlan:
         return None if candidate is None else candidate.residual
 
     def to_dict(self) -> dict:
+        """Every field; a kept layer's ``*_after`` values are None (it has no rewrite)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.rewritten:
+            data["params_after"] = data["macs_after"] = data["cost_after"] = None
         data["weight_shape"] = list(self.weight_shape)
         for key in ("best", "chosen"):
             value = getattr(self, key)
@@ -254,6 +276,8 @@ class Plan:
     #: a budget's fidelity on the calibration data, as checked against its bound
     #: (:mod:`sconv_onnx.endtoend`); None without a budget
     budget_check: dict | None = None
+    #: planned for int8 quantization: candidates int8 cannot hold were left out
+    int8: bool = False
 
     @property
     def rewritten(self) -> list[LayerPlan]:
@@ -286,6 +310,7 @@ class Plan:
             "model_ratio": self.model_ratio,
             "target_macs": self.target_macs,
             "alpha_fit": self.alpha_fit,
+            "int8": self.int8,
             "budget_check": self.budget_check,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import __version__
 from .errors import param
 from .layercheck import FAIL, PASS, SKIPPED, UNBOUNDED, LayerCheck
 from .plan import Plan
@@ -116,7 +119,9 @@ class Report:
 
     ``errors`` (the end-to-end check) and ``layer_checks`` (each rewritten
     layer on its own, :mod:`sconv_onnx.layercheck`) are None when
-    verification was skipped.
+    verification was skipped.  ``bench``: the original and rewritten models
+    timed side by side (:meth:`sconv_onnx.bench.BenchResult.to_dict`), when
+    they were.  :meth:`to_dict` follows :data:`SCHEMA_PATH`.
     """
 
     plan: Plan
@@ -129,6 +134,7 @@ class Report:
     #: with calibration data: :func:`sconv_onnx.calibration.accuracy_proxy` on all of it
     calibration: dict | None = None
     layer_checks: list[LayerCheck] | None = None
+    bench: dict | None = None
 
     @property
     def max_rel_error(self) -> float | None:
@@ -168,7 +174,7 @@ class Report:
         return self.status == PASS
 
     def to_dict(self) -> dict:
-        return {
+        return stamped({
             "plan": self.plan.to_dict(),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
@@ -184,7 +190,8 @@ class Report:
                 "failures": self.failures(),
                 "passed": self.verified,
             },
-        }
+            "bench": self.bench,
+        })
 
     def verification_lines(self) -> list[str]:
         if self.errors is None:
@@ -232,6 +239,35 @@ def layer_check_lines(checks: list[LayerCheck]) -> list[str]:
     lines += [f"    {check.layer.node}: {check.status} ({check.summary()})"
               for check in checks if check.status != PASS]
     return lines
+
+
+#: The JSON report's schema (JSON Schema 2020-12), shipped with the package.
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+#: Bumped when a field is removed or changes meaning (not when one is added).
+SCHEMA_VERSION = 1
+
+
+def tool_info() -> dict:
+    """This tool's name and version, and the versions of the libraries it ran on."""
+    import numpy
+    import onnx
+    import onnx_graphsurgeon
+    import onnxruntime
+
+    return {"name": "sconv-onnx", "version": __version__, "dependencies": {
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "onnx-graphsurgeon": onnx_graphsurgeon.__version__, "numpy": numpy.__version__,
+        "python": sys.version.split()[0]}}
+
+
+def stamped(data: dict) -> dict:
+    """``data`` led by ``schema_version`` and ``tool`` (:func:`tool_info`)."""
+    return {"schema_version": SCHEMA_VERSION, "tool": tool_info(), **data}
+
+
+def schema() -> dict:
+    """The JSON report's schema (:data:`SCHEMA_PATH`)."""
+    return json.loads(SCHEMA_PATH.read_text())
 
 
 def _json_safe(value):

@@ -50,6 +50,16 @@ def for_speed(plan: Plan) -> list:
     return [layer for layer in plan.rewritten if not layer.chosen.size_only]
 
 
+def check_note(checked: list[tuple[float, int]], kept: bool) -> str:
+    """The whole-model checks in words: each ``(ratio, layers rewritten for speed)`` in
+    turn, and whether the last rewrite was kept (``kept``) or every speed layer reverted."""
+    steps = "; then ".join(f"{ratio:.3f}x with {count} layers rewritten for speed"
+                           for ratio, count in checked)
+    verdict = ("kept" if kept else "every layer rewritten for speed reverted")
+    return (f"whole-model check (side by side, rewritten over original; kept at most "
+            f"{WHOLE_MODEL_MARGIN}): {steps}: {verdict}")
+
+
 def exclude_least_gainful(plan: Plan, ratio: float, excluded: dict[str, str]) -> None:
     """Add the half of ``plan``'s layers rewritten for speed with the least gain (at least
     one) to ``excluded`` (layer key -> reason)."""

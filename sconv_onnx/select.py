@@ -239,9 +239,12 @@ def _no_candidate(layer: _Layer, settings: Settings) -> None:
     plan, info = layer.plan, layer.info
     entries = layer.singles + layer.groups
     skips = list(dict.fromkeys(e.site.skip_reason for e in entries if e.site.skip_reason))
+    filtered = [f"{e.family.name}: {e.site.filtered}" for e in entries if e.site.filtered]
     if layer.group_note:
         plan.decided_by = "all" if settings.select == "all" else "cost"
         plan.reason = layer.group_note
+    elif filtered:  # structure found, but the run's settings refuse its rewrites (e.g. int8)
+        plan.decided_by, plan.reason = "skipped", "; ".join(filtered)
     elif skips and len(skips) == len({id(e) for e in entries}):
         plan.decided_by, plan.reason = "skipped", "; ".join(skips)
     else:

@@ -41,7 +41,8 @@ def test_bench_json_has_timings_ratios_and_profile(pair, capsys):
     capsys.readouterr()
     assert main(["bench", *map(str, pair), "--runs", "4", "--warmup", "0", "--json", "--profile"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"threads", "runs", "warmup", "timings", "ratios", "profile"}
+    assert set(result) == {"schema_version", "tool", "threads", "runs", "warmup", "timings",
+                           "ratios", "profile"}
     assert [t["name"] for t in result["timings"]] == ["A", "B"]
     assert all(t["median_ms"] > 0 and t["p90_ms"] >= t["median_ms"] for t in result["timings"])
     assert result["ratios"][0] == 1.0 and result["ratios"][1] > 0
@@ -182,5 +183,7 @@ def test_measured_selection_reverts_layers_when_the_whole_model_is_not_faster(mo
     reverted = [layer for layer in report.plan.layers if layer.decided_by == "excluded"]
     assert reverted and all(not layer.rewritten and layer.excluded for layer in reverted)
     assert report.plan.model_ratio == 0.5
+    [note] = [note for note in report.notes if note.startswith("whole-model check")]
+    assert "1.200x with" in note and "then 0.500x with" in note and note.endswith(": kept")
     kept = [layer for layer in report.plan.layers if layer.rewritten]
     assert max(layer.measured_ratio for layer in kept) <= min(layer.measured_ratio for layer in reverted)

@@ -242,3 +242,22 @@ def test_low_precision_weights_keep_their_dtype(dtype, tol):
     reference = project_weight(weight, (3, 2, 2))
     assert float((projected.double() - reference).abs().max()) < tol * float(weight.abs().max())
     assert structure_residual(weight.to(dtype), (3, 2, 2)).dtype == dtype
+
+
+def test_digits_training_is_reproducible_on_one_machine():
+    """The demo's claim: one thread, deterministic kernels, seeded order and initialisation:
+    two trainings from one seed end with the same weights, bit for bit."""
+    pytest.importorskip("sklearn")
+    from sconv_onnx.models import train_digits
+
+    config = train_digits.Config(max_steps=40)
+    data = train_digits.load_digits_split(config.test_fraction, 0)
+    ends = []
+    with train_digits.deterministic_torch(config.threads):
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = train_digits.build_cnn(config.width)
+            regularizer = StructuralRegularizer(model, StructureSpec.paper())
+            train_digits.train(model, data, config, 0, regularizer)
+            ends.append({name: value.clone() for name, value in model.state_dict().items()})
+    assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])

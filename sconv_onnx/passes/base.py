@@ -105,6 +105,8 @@ class Site:
     family: str
     layers: tuple[LayerInfo, ...]
     skip_reason: str | None = None
+    #: why the run removed every candidate the family offered (e.g. ``int8=True``)
+    filtered: str | None = None
 
     @property
     def layer(self) -> LayerInfo:

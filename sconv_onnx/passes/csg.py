@@ -34,6 +34,11 @@ The selector weighs it like any single-layer candidate.  Its generator part
 is keyed, so the layers of one sharing store one generator between them,
 whichever form each takes; the size-only candidate then counts it once.
 
+Neither form suits int8 quantization (``optimize(int8=True)`` leaves them
+out): onnxruntime's quantizers want a conv's weight as an initializer, and
+both forms compute it (measured: ``quantize_dynamic`` raises "Expected ...
+to be an initializer").
+
 Sites: Conv layers of one group in the main graph with a constant float32
 weight, grouped per :func:`sconv_onnx.csg.find` at :data:`SCREEN_TOL` (sites
 are made before the tolerance is known); a candidate holds at ``tol`` only
@@ -50,7 +55,7 @@ import numpy as np
 
 from .. import cost, csg, structure
 from ..cost import original_ops
-from ..plan import Candidate, Part
+from ..plan import REBUILT_WEIGHT, Candidate, Part
 from .base import Emitter, Family, Site
 from .box import conv, timing
 from .graphs import constant_value, drop_if_unused
@@ -129,7 +134,8 @@ class SharedGeneratorFamily(Family):
                                 sharing=sharing, index=index)
                       for index, member in enumerate(members)
                       if _basis_applies(member.weight.shape, sharing.slice_size)
-                      and member.opset >= TILE_OPSET]
+                      and (member.opset >= TILE_OPSET
+                           or member.weight.shape[1] == sharing.slice_size ** 2)]
         return found
 
     def candidates(self, site: Site, tol: float) -> list[Candidate]:
@@ -151,7 +157,8 @@ class SharedGeneratorFamily(Family):
         label = (f"generator s={sharing.slice_size} d={sharing.code_size} "
                  f"shared by {len(site.members)} layers")
         return [Candidate(self.name, label, max(sharing.residuals), tuple(parts), payload=sharing,
-                          rounding_depth=depth + sharing.code_size + 2, size_only=True)]
+                          rounding_depth=depth + sharing.code_size + 2, size_only=True,
+                          int8_risk=REBUILT_WEIGHT)]
 
     def emit(self, site: Site, candidate: Candidate, emitter: Emitter) -> None:
         if isinstance(candidate.payload, BasisForm):
@@ -186,11 +193,13 @@ class SharedGeneratorFamily(Family):
 
         # a shared generator changes nothing at run time (it is folded): one timing per layout
         return timing.measure_alone(site, [(candidate, ()) for candidate, _ in trials], timer,
-                                    variant, key=lambda candidate: ("csg basis",
-                                                                    site.sharing.code_size))
+                                    variant, key=lambda candidate: (
+                                        "csg basis", site.sharing.slice_size,
+                                        site.sharing.code_size))
 
 
-#: First opset whose Tile takes its repeats as an input.
+#: First opset whose Tile takes its repeats as an input (a basis form of one group, ``C = s^2``,
+#: has no Tile).
 TILE_OPSET = 6
 
 
@@ -213,12 +222,13 @@ def _basis_candidate(site: BasisSite) -> Candidate:
     codes = sharing.codes[site.index]
     parts = (Part("generator", sharing.generator.size, (), geom.positions,
                   key=_generator_key(sharing)),
-             Part("basis conv", len(site.weight.shape) + len(site.weight.shape),
+             Part("basis conv", len(site.weight.shape) * (1 + (groups > 1)),  # shape, repeats
                   (filters,), geom.positions),
              Part("codes conv", codes.size + site.bias_size, (combine,), geom.positions))
     return Candidate("csg", f"basis s={size} d={code_size} x{groups}",
                      sharing.residuals[site.index], parts, payload=BasisForm(sharing, site.index),
-                     rounding_depth=size * size * math.prod(geom.kernel) + groups * code_size)
+                     rounding_depth=size * size * math.prod(geom.kernel) + groups * code_size,
+                     int8_risk=REBUILT_WEIGHT)
 
 
 def _emit_basis(site: BasisSite, emitter: Emitter) -> None:

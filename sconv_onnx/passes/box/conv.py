@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import cost
-from ...plan import Candidate, Part
+from ...plan import CHANNEL_SUMS, Candidate, Part
 from ...structure import (
     Structure,
     effective_tol,
@@ -398,7 +398,8 @@ def candidate(site: ConvSite, structure: Structure, lowering: Lowering, family: 
     return Candidate(family=family, label=structure.label(), residual=structure.residual,
                      parts=tuple(parts), lowering=lowering.label(),
                      payload=BoxChoice(structure, lowering, alpha), rounding_depth=depth,
-                     absorbs=absorbs, approximate=approximate)
+                     absorbs=absorbs, approximate=approximate,
+                     int8_risk=CHANNEL_SUMS if lowering.channel else "")
 
 
 def candidates(site: ConvSite, tol: float, family: str) -> list[Candidate]:

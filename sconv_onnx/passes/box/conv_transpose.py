@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from ... import cost
-from ...plan import Candidate, Part
+from ...plan import CHANNEL_SUMS, Candidate, Part
 from ...structure import Structure, effective_tol, fit_alpha, search, windows
 from ..base import Emitter
 from ..graphs import drop_if_unused
@@ -220,7 +220,8 @@ def candidate(site: TransposeSite, structure: Structure, family: str) -> Candida
                         "ones_conv" if lowered.spatial else None)
     return Candidate(family=family, label=structure.label(), residual=structure.residual,
                      parts=parts, lowering=lowering.label(), payload=BoxChoice(structure, lowering),
-                     rounding_depth=depth)
+                     rounding_depth=depth,
+                     int8_risk=CHANNEL_SUMS if lowering.channel else "")
 
 
 def candidates(site: TransposeSite, tol: float, family: str) -> list[Candidate]:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import cost
-from ...plan import Candidate, Part
+from ...plan import CHANNEL_SUMS, Candidate, Part
 from ...structure import Structure, effective_tol, fit_alpha, search
 from ..base import Emitter
 from ..graphs import constant_value, drop_if_unused
@@ -126,7 +126,8 @@ def candidate(site: LinearSite, structure: Structure, family: str,
     return Candidate(family=family, label=structure.label(), residual=structure.residual,
                      parts=parts, lowering="cumsum",
                      payload=BoxChoice(structure, Lowering("cumsum", None), alpha),
-                     rounding_depth=1 + step.depth + under, approximate=approximate)
+                     rounding_depth=1 + step.depth + under, approximate=approximate,
+                     int8_risk=CHANNEL_SUMS)
 
 
 def candidates(site: LinearSite, tol: float, family: str) -> list[Candidate]:

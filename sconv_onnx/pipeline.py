@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import onnx
@@ -178,11 +179,10 @@ def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
     (:mod:`sconv_onnx.endtoend`, ``max_error`` part of its bound)."""
     options = analysis.options
     settings = Settings(float(options.tol), options.select, options.target_macs,
-                        options.alpha_fit if options.target_macs is not None else None)
+                        options.alpha_fit if options.target_macs is not None else None,
+                        int8=options.int8)
     if options.target_macs is None:
-        decided = select(analysis.entries, settings, excluded, measurer, analysis.families)
-        decided.int8 = options.int8
-        return decided
+        return select(analysis.entries, settings, excluded, measurer, analysis.families)
 
     def decide(sensitivity, max_moves):
         return select(analysis.entries, dataclasses.replace(
@@ -196,7 +196,6 @@ def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
                                 lambda candidate: owners[id(candidate)], analysis.view.model,
                                 analysis.batches, options.min_agreement, max_error, sequential,
                                 options.seed)
-    trial.plan.int8 = options.int8
     for layer in trial.plan.layers:
         if layer.key in trial.held and not layer.rewritten:
             layer.reason = f"budget: left alone: {trial.held[layer.key]}"
@@ -318,7 +317,8 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     excluded: dict[str, str] = {}
     checked: list[tuple[float, int]] = []  # the whole-model checks: (ratio, layers for speed)
     while True:
-        with phase("timing candidates" if measurer else "selection", unit="timings") as running:
+        timing = phase("timing candidates", unit="timings") if measurer else nullcontext()
+        with timing as running:
             if measurer is not None:
                 measurer.progress = running
             decided = plan(analysis, excluded, measurer, max_error)

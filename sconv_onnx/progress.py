@@ -40,7 +40,8 @@ _bars = False
 
 class _Stderr(logging.StreamHandler):
     """A handler writing to whatever ``sys.stderr`` is when a line is logged (a test's
-    capture, a redirected stream), not the one it was made with."""
+    capture, a redirected stream), not the one it was made with, above any bar being
+    drawn (``tqdm.write``)."""
 
     @property
     def stream(self):
@@ -49,6 +50,12 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 def configure(verbosity: int = 0, bars: bool | None = None) -> None:

@@ -86,6 +86,8 @@ class Settings:
     sensitivity: dict | None = None
     #: take only the budget's first moves (None: all until the target holds)
     max_moves: int | None = None
+    #: the candidates were filtered for int8 (recorded in the plan)
+    int8: bool = False
 
 
 @dataclass
@@ -114,7 +116,7 @@ def select(entries: list[SiteEntry], settings: Settings, excluded: dict[str, str
     layers = _layers(entries)
     plan = Plan(tol=settings.tol, select=settings.select,
                 families=families or tuple(dict.fromkeys(e.family.name for e in entries)),
-                layers=[layer.plan for layer in layers.values()])
+                layers=[layer.plan for layer in layers.values()], int8=settings.int8)
     taken: dict[Hashable, str] = {}  # key of a shared part -> the layer charged for it
     sized = [entry for entry in entries if entry.site.is_group and entry.exact
              and all(candidate.size_only for candidate in entry.exact)]

@@ -19,6 +19,7 @@ def test_int8_keeps_spatial_pools_and_drops_channel_pools():
     usual = sconv_onnx.analyze(model, select="all")
     assert any("matrix" in layer.chosen.lowering for layer in usual.rewritten)
     plan = sconv_onnx.analyze(model, select="all", int8=True)
+    assert plan.int8 and not usual.int8 and plan.to_dict()["int8"] is True
     for layer in plan.rewritten:
         assert layer.chosen.int8_safe and "matrix" not in layer.chosen.lowering
         assert "cumsum" not in layer.chosen.lowering

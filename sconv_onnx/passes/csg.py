@@ -100,7 +100,9 @@ def _basis_applies(shape: tuple[int, ...], size: int) -> bool:
 
 
 def _generator_key(sharing: csg.Sharing) -> tuple:
-    """The key of a sharing's generator part (charged once, :mod:`sconv_onnx.plan`)."""
+    """The key of a sharing's generator part in the plan (charged once,
+    :mod:`sconv_onnx.plan`): data, so that it can be compared and reported.  The emitter
+    shares the initializer by the sharing object itself (:func:`_generator`)."""
     return ("csg generator", sharing.keys[0], sharing.slice_size)
 
 
@@ -141,10 +143,10 @@ class SharedGeneratorFamily(Family):
     def candidates(self, site: Site, tol: float) -> list[Candidate]:
         sharing: csg.Sharing = site.sharing
         tol = structure.effective_tol(tol, site.layers[0].weight_dtype)
+        if isinstance(site, BasisSite):  # one layer: its own residual
+            return [_basis_candidate(site)] if sharing.residuals[site.index] <= tol else []
         if max(sharing.residuals) > tol:
             return []
-        if isinstance(site, BasisSite):
-            return [_basis_candidate(site)]
         generator_part = Part("generator", sharing.generator.size, (),
                               site.members[0].geometry.positions, key=_generator_key(sharing))
         parts = [generator_part]

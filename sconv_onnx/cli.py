@@ -113,7 +113,7 @@ def _verbosity_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="count", default=0,
-                       help="log each phase's time on stderr")
+                       help="log each phase's time on stderr (-vv: and each family's search)")
     group.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bars or log lines; optimize prints its summary line "
                             "(and --bench's timings) instead of the whole report")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from .passes import resolve
 from .passes.base import Emitter
 from .passes.graphs import is_sorted
 from .plan import Plan
-from .progress import phase, track
+from .progress import LOG, phase, track
 from .report import Report
 from .runtime import run
 from .select import Settings, SiteEntry, select
@@ -97,10 +98,15 @@ def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=
     with phase("structure search", unit="sites") as running:
         for family in families:
             running.note(family.name)
+            started, count = time.perf_counter(), len(entries)
             for site in family.find(view):
                 entries.append(SiteEntry(family, site, _for_int8(
                     site, family.candidates(site, float(options.tol)), options.int8)))
                 running.advance()
+            found = entries[count:]
+            LOG.debug("  %s: %d sites, %d candidates in %.1f s", family.name, len(found),
+                      sum(len(entry.candidates) for entry in found),
+                      time.perf_counter() - started)
     analysis = Analysis(view, options, tuple(family.name for family in families), entries, shapes,
                         feeds, batches, list(shapes.notes) + context_notes(shapes.shapes, context,
                                                                            view.observed))

@@ -3,11 +3,13 @@
 Two channels, both on stderr (stdout stays the command's result):
 
 * **Log lines** through :mod:`logging`, logger ``"sconv_onnx"``: each phase
-  that ends normally logs ``"<phase>: <items> in <seconds> s"`` at INFO.  A
-  library user sets levels and handlers as for any library; the command
-  line (:func:`configure`) maps ``-q`` to ERROR, the default to WARNING and
-  ``-v`` to INFO, with one handler of its own on stderr (the logger then
-  stops propagating, so a line is not printed twice).
+  that ends normally logs ``"<phase>: <items> in <seconds> s"`` at INFO; the
+  structure search logs each family's sites, candidates and seconds at
+  DEBUG.  A library user sets levels and handlers as for any library; the
+  command line (:func:`configure`) maps ``-q`` to ERROR, the default to
+  WARNING, ``-v`` to INFO and ``-vv`` to DEBUG, with one handler of its own
+  on stderr (the logger then stops propagating, so a line is not printed
+  twice).
 * **Bars** (tqdm): one per phase, drawn only when bars are on (the command
   line turns them on when stderr is a terminal and ``-q`` is not given) and
   only once the phase has run :data:`BAR_DELAY` seconds, so short phases

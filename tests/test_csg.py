@@ -270,14 +270,27 @@ def test_a_mac_budget_moves_generated_layers_before_the_generator_stores_the_res
 
 
 def test_the_basis_form_is_timed_by_a_measured_selection():
-    """64 channels at s = 8 are one slice per output channel: the basis form (0.42x the
-    MACs) is timed on the layer alone, not decided by the cost model for want of a timer."""
+    """64 channels at s = 8 are one slice per output channel: the family times the basis form
+    (0.42x the MACs) on the layer alone, so ``select="measured"`` decides every layer by
+    timings, not by the cost model for want of a timer.  (Which candidate wins is a timing:
+    not asserted.)"""
+    from sconv_onnx.measure import Measurer
+    from sconv_onnx.options import Options
+    from sconv_onnx.passes.csg import BasisSite
+    from sconv_onnx.pipeline import analyse
+
     model = _generated_chain(np.random.default_rng(9), 64, spatial=32)
+    entries = [entry for entry in analyse(model, Options()).entries
+               if isinstance(entry.site, BasisSite)]
+    assert len(entries) == 4
+    [basis] = entries[0].candidates
+    [ratio] = entries[0].family.measure(entries[0].site, [(basis, ())], Measurer(runs=3, warmup=1))
+    assert 0 < ratio < 10
     _, report = sconv_onnx.optimize(model, select="measured")
     assert report.verified
-    for layer in report.plan.layers:
-        assert layer.decided_by == "measured" and layer.measured_ratio is not None, layer.reason
-    assert any(layer.chosen.label.startswith("basis s=8 d=24") for layer in report.plan.layers)
+    for layer in report.plan.layers:  # timed; the whole-model check may revert (a timing)
+        assert layer.decided_by in ("measured", "excluded"), layer.reason
+        assert "not measured" not in layer.reason
 
 
 def test_where_the_basis_form_does_not_pay_the_size_form_alone_is_written():

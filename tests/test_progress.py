@@ -36,6 +36,13 @@ def test_verbose_logs_each_phase_with_its_time(demo_path, tmp_path, capsys):
     assert "sites in" in err and err.rstrip().endswith(" s")
 
 
+def test_very_verbose_adds_each_familys_search(demo_path, capsys):
+    assert main(["analyze", str(demo_path), "-vv"]) == 0
+    err = capsys.readouterr().err
+    for family in ("box", "igc", "csg", "lowrank"):
+        assert f"sconv-onnx:   {family}: " in err and " candidates in " in err
+
+
 def test_default_and_quiet_print_nothing_on_a_pipe(demo_path, tmp_path, capsys):
     assert main(["analyze", str(demo_path)]) == 0
     captured = capsys.readouterr()

@@ -83,18 +83,16 @@ def main(argv: list[str] | None = None) -> None:
             model = csg_resnet.build(layout)
             feeds = {resnet.INPUT_NAME: np.random.default_rng(0).standard_normal(
                 csg_resnet.input_shape(layout)).astype(np.float32)}
-            shapes = {node.name: None for node in csg_resnet.generated_convs(model, layout)}
+            shapes = csg_resnet.generated_shapes(model, layout)
+            dense = sum(int(np.prod(shape)) for shape in shapes)
+            paper = csg.paper_params(shapes, size, code_size)
             original = Path(folder) / f"{layout}.onnx"
             onnx.save(model, str(original))
             for families, name in ((["csg"], "csg alone"), (None, "every family")):
                 new, report = sconv_onnx.optimize(model, families=families, tol=1e-4)
                 rewritten = Path(folder) / f"{layout}_{name.split()[0]}.onnx"
                 onnx.save(new, str(rewritten))
-                shapes.update({layer.node: layer.weight_shape for layer in report.plan.layers
-                               if layer.node in shapes})
-                dense = sum(int(np.prod(shape)) for shape in shapes.values())
                 stored = float_weights(new) - (float_weights(model) - dense)
-                paper = csg.paper_params(list(shapes.values()), size, code_size)
                 ratios = [latency_ratio(original, rewritten, feeds, args.threads, args.runs, level)
                           for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                         ort.GraphOptimizationLevel.ORT_DISABLE_ALL)]

@@ -44,6 +44,12 @@ def generated_convs(model: onnx.ModelProto, layout: str) -> list[onnx.NodeProto]
             and node.name.startswith("layer") and node.name.rsplit(".", 1)[-1] in wanted]
 
 
+def generated_shapes(model: onnx.ModelProto, layout: str) -> list[tuple[int, ...]]:
+    """The weight shapes of the convs ``layout`` generates, in graph order."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return [tuple(initializers[node.input[1]].dims) for node in generated_convs(model, layout)]
+
+
 def build(layout: str = "firsts", seed: int = 0) -> onnx.ModelProto:
     """The model (input ``image``, output ``logits``) at the layout's slice and code sizes."""
     if layout == "cifar":
@@ -53,7 +59,7 @@ def build(layout: str = "firsts", seed: int = 0) -> onnx.ModelProto:
                                 seed=seed)
     initializers = {init.name: init for init in model.graph.initializer}
     convs = generated_convs(model, layout)
-    shapes = [tuple(initializers[node.input[1]].dims) for node in convs]
+    shapes = generated_shapes(model, layout)
     rng = np.random.default_rng(seed + 1)
     slice_size, code_size = LAYOUTS[layout]
     for node, weight in zip(convs, csg.generated(rng, shapes, slice_size, code_size)):
@@ -63,4 +69,4 @@ def build(layout: str = "firsts", seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-__all__ = ["LAYOUTS", "build", "generated_convs", "input_shape"]
+__all__ = ["LAYOUTS", "build", "generated_convs", "generated_shapes", "input_shape"]

@@ -81,10 +81,6 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def bars_on() -> bool:
-    return _bars
-
-
 class Phase:
     """A running phase: ``advance()`` after each item; ``note(text)`` for the bar's tail."""
 
@@ -131,4 +127,4 @@ def track(items: Iterable, name: str, total: int | None = None, unit: str = "ite
             running.advance()
 
 
-__all__ = ["BAR_DELAY", "LOG", "Phase", "bars_on", "configure", "phase", "track"]
+__all__ = ["BAR_DELAY", "LOG", "Phase", "configure", "phase", "track"]

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import progress
+from . import page, progress
 from .api import analyze, bench_models, distances, optimize, verify_models
 from .bench import default_threads, format_result
 from .distance import distance_table, parse_spec
@@ -120,6 +120,22 @@ def _verbosity_options() -> argparse.ArgumentParser:
     return common
 
 
+def _add_html_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--html", metavar="FILE.html",
+                        help="also write one self-contained page with plots (per-layer MACs and "
+                             "time, residual against --tol, family per layer, a budget's curve, "
+                             "timings); needs matplotlib (the html extra)")
+
+
+def _html_target(args, inputs: list[str]) -> None:
+    """Fail early, before any work, when ``--html`` cannot be written."""
+    if args.html is None:
+        return
+    page.require_matplotlib()
+    for source in inputs:
+        check_output_paths(source, args.html)
+
+
 def versions() -> str:
     """This tool's version and those of the libraries it runs on, one per line."""
     info = tool_info()
@@ -168,6 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench", action="store_true",
                      help="time the original and the rewritten model side by side at the end")
     _add_timing_options(opt)
+    _add_html_option(opt)
 
     ana = commands.add_parser("analyze", help="print the per-layer plan without rewriting",
                               parents=[common])
@@ -180,6 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="instead of the plan, print each layer's relative residual to one box "
                           "structure, e.g. c=C/2,n=2 (c: an integer or C scaled, C being the "
                           "layer's input channels; n: an integer or K, per kernel axis)")
+    _add_html_option(ana)
 
     ver = commands.add_parser("verify", help="compare two models' outputs in onnxruntime",
                               parents=[common])
@@ -199,6 +217,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--profile", action="store_true",
                      help="add a per-op-type breakdown from onnxruntime's profiler")
     ben.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_html_option(ben)
 
     commands.add_parser("families", help="list the structure families --families can name",
                         parents=[common])
@@ -229,7 +248,8 @@ def _optimize(args) -> int:
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file")
     input_files = model_files(args.input)  # never overwritten, nor removed as an old output's
-    check_output_paths(args.input, args.output, args.report, input_files=input_files)
+    check_output_paths(args.input, args.output, args.report, args.html, input_files=input_files)
+    _html_target(args, [])
     try:
         model, report = optimize(
             args.input, tol=args.tol, select=args.select, families=args.families,
@@ -261,11 +281,15 @@ def _optimize(args) -> int:
         print(format_result(result))
         if args.report:
             write_atomic(args.report, json_text(report.to_dict()).encode())
+    if args.html:
+        write_atomic(args.html, page.optimize_page(report.to_dict(), args.input,
+                                                   args.output).encode())
     return 0
 
 
 def _bench(args) -> int:
     paths = [args.first] + ([args.second] if args.second else [])
+    _html_target(args, paths)
     result = bench_models(
         paths, names=["A", "B"][: len(paths)], input_shapes=args.input_shape, inputs=args.inputs,
         threads=args.threads, runs=args.runs, warmup=args.warmup, profile=args.profile,
@@ -276,12 +300,14 @@ def _bench(args) -> int:
         for name, path in zip(("A", "B"), paths):
             print(f"{name}: {path}")
         print(format_result(result))
+    if args.html:
+        write_atomic(args.html, page.bench_page(stamped(result.to_dict()), paths).encode())
     return 0
 
 
 #: analyze's options that --distance does not read, with their defaults.
 _NOT_FOR_DISTANCE = {"select": "cost", "families": None, "int8": False, "calib_data": None,
-                     "target_macs": None, "min_agreement": None}
+                     "target_macs": None, "min_agreement": None, "html": None}
 
 
 def _analyze(args) -> int:
@@ -297,12 +323,16 @@ def _analyze(args) -> int:
         print(json_text(stamped({"distance": spec.text, "layers": [d.to_dict() for d in found]}))
               if args.json else distance_table(found, spec, args.tol), end="" if args.json else "\n")
         return 0
+    _html_target(args, [args.input])
     plan = analyze(args.input, tol=args.tol, select=args.select, families=args.families,
                    input_shapes=args.input_shape,
                    calib_data=args.calib_data, target_macs=args.target_macs,
                    alpha_fit=args.alpha_fit, min_agreement=args.min_agreement,
                    sequential_fit=args.sequential_fit, int8=args.int8)
-    print(json_text(stamped(plan.to_dict())) if args.json else layer_table(plan) + "\n", end="")
+    data = stamped(plan.to_dict())
+    print(json_text(data) if args.json else layer_table(plan) + "\n", end="")
+    if args.html:
+        write_atomic(args.html, page.analyze_page(data, args.input).encode())
     return 0
 
 

@@ -361,10 +361,20 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
     bound = Bound.of(min_agreement, max_error, scorer.classes)
     order = {out: index for index, node in enumerate(original.graph.node) for out in node.output}
 
+    tried: dict[tuple, dict] = {}  # every trial scored, for the budget curve
+
+    def scored(trial: Trial) -> Trial:
+        tried[trial.moves, bool(trial.refits)] = {
+            "moves": trial.moves, "macs_ratio": macs_ratio(trial.plan),
+            "sequential_fit": bool(trial.refits), "holds": bound.holds(trial.fidelity),
+            "agreement": agreement_of(trial.fidelity), "rel_error": trial.fidelity["rel_error"],
+            "score_distance": trial.fidelity["score_distance"]}
+        return trial
+
     def one_shot(moves: int | None) -> Trial:
         plan = decide(sensitivity, moves)
-        return Trial(plan.budget_moves if moves is None else moves, plan, {},
-                     scorer.fidelity(rewrite(plan, {})))
+        return scored(Trial(plan.budget_moves if moves is None else moves, plan, {},
+                            scorer.fidelity(rewrite(plan, {}))))
 
     def refitted(trial: Trial) -> Trial:
         """``trial`` fitted sequentially, where that brings the scores closer."""
@@ -375,8 +385,8 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
             return trial
         refits = sequential_fit(original, batches, taken, seed,
                                 lambda done: rewrite(trial.plan, done))
-        fitted = Trial(trial.moves, trial.plan, refits,
-                       scorer.fidelity(rewrite(trial.plan, refits)))
+        fitted = scored(Trial(trial.moves, trial.plan, refits,
+                              scorer.fidelity(rewrite(trial.plan, refits))))
         better = fitted.fidelity["score_distance"] < trial.fidelity["score_distance"]
         return fitted if better and (bound.holds(fitted.fidelity) or not bound.holds(
             trial.fidelity)) else trial
@@ -412,6 +422,7 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
         "sequential_fit": bool(best.refits), "calibration": best.fidelity,
         "sensitivities": {key: (value if math.isfinite(value) else None)
                           for key, value in sensitivity.items()},
+        "trials": [tried[key] for key in sorted(tried)],
     }
     fit = ("layers refitted sequentially" if best.refits
            else "one-shot fits" + (" (the sequential fit was not kept)"
@@ -419,11 +430,16 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
     best.plan.notes.append(f"MAC budget bound ({bound.describe()} on the calibration data) "
                            f"{'holds' if bound.holds(best.fidelity) else 'BROKEN'}; {fit}")
     if best.moves < complete:
-        known = [layer for layer in best.plan.layers if layer.macs_before is not None]
-        before = sum(layer.macs_before for layer in known)
-        after = sum(layer.macs_after if layer.rewritten else layer.macs_before for layer in known)
         best.plan.notes.append(
             f"MAC budget stopped at its bound ({bound.describe()} on the calibration data): "
             f"{best.moves} of the {complete} moves of its greedy sequence taken, "
-            f"{after / max(before, 1):.3f} of the layers' MACs")
+            f"{macs_ratio(best.plan):.3f} of the layers' MACs")
     return best
+
+
+def macs_ratio(plan) -> float:
+    """The MACs of a plan's layers after over before (layers of known shapes only)."""
+    known = [layer for layer in plan.layers if layer.macs_before is not None]
+    before = sum(layer.macs_before for layer in known)
+    after = sum(layer.macs_after if layer.rewritten else layer.macs_before for layer in known)
+    return after / max(before, 1)

@@ -31,6 +31,7 @@ from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weight
 from .options import DEFAULT_TOL, Options, default_max_error
 from .passes import resolve
 from .passes.base import Emitter
+from .passes.batchnorm import fold_remaining
 from .passes.graphs import is_sorted
 from .plan import Plan
 from .progress import LOG, phase, track
@@ -217,17 +218,21 @@ def plan(analysis: Analysis, excluded: dict[str, str] | None = None,
     return trial.plan
 
 
-def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None) -> onnx.ModelProto:
+def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None,
+            fold_all: bool = False) -> onnx.ModelProto:
     """The model with every rewrite of ``plan`` emitted (on a copy of the graph view);
     with none, the analysed model itself.  ``refits`` maps a chosen candidate's ``id``
-    to the candidate to emit in its place (a budget's sequential fit).
+    to the candidate to emit in its place (a budget's sequential fit).  ``fold_all``:
+    also fold every BatchNormalization left after a kept Conv
+    (:func:`~sconv_onnx.passes.batchnorm.fold_remaining`; the written model's, noted in
+    ``plan.notes``), where the trials of a plan leave them to onnxruntime.
 
     Sites emit in the order found, each its chosen candidate (a group site once
     for the layers its candidate covers: all, or its ``members``).  Families insert nodes before their site's node; a
     graph some emit left out of order (a shared tensor first used above where
     it was made) is sorted.
     """
-    if not plan.rewritten:
+    if not plan.rewritten and not (fold_all and _has_batchnorm(analysis.view)):
         return analysis.view.model
     chosen = {layer.key: layer.chosen for layer in plan.rewritten}
     emitter = Emitter(analysis.view.graph)
@@ -241,11 +246,23 @@ def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None) -> onnx.
             for own in entry.candidates)
         if mine and all(chosen.get(key) is candidate for key in covered):
             entry.family.emit(entry.site, (refits or {}).get(id(candidate), candidate), emitter)
+    if fold_all:
+        folded = fold_remaining(emitter, set(chosen))
+        if folded:
+            plan.notes.append(f"folded {len(folded)} more BatchNormalization node"
+                              f"{'s' * (len(folded) != 1)} into the kept convs before them "
+                              f"(exact; onnxruntime does the same when it loads a model)")
+        elif not plan.rewritten:
+            return analysis.view.model
     if not is_sorted(emitter.graph):
         emitter.graph.toposort()
     rewritten = gs.export_onnx(emitter.graph, do_type_check=False)
     restore_model_fields(analysis.view.model, rewritten)
     return rewritten
+
+
+def _has_batchnorm(view) -> bool:
+    return any(node.op == "BatchNormalization" for _, node in view.nodes())
 
 
 def _covered(site, chosen: dict) -> list[str]:
@@ -328,7 +345,7 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
             if measurer is not None:
                 measurer.progress = running
             decided = plan(analysis, excluded, measurer, max_error)
-        rewritten = rewrite(analysis, decided)
+        rewritten = rewrite(analysis, decided, fold_all=True)
         if measurer is None or not revert.for_speed(decided):
             break
         with phase("whole-model check"):

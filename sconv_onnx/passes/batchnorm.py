@@ -13,6 +13,12 @@ graph output, BN's statistics are constant (no graph input's default) and
 per channel (``(C,)``; opsets 7-8 also allow ``spatial=0``, statistics per
 activation, which stay), only its first output is used (inference mode),
 and the folded weight and bias are finite.
+
+:func:`fold_remaining` then folds, the same way, every BN left after a kept
+Conv (whatever its structure), so that the written model has no unfused BN
+a fold could remove: what onnxsim/onnxslim do first, and what onnxruntime
+does when it loads the model.  It needs the conv's weight (and bias) to be
+initializers read by that conv alone, so that no other reader changes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..structure import is_finite
-from .graphs import constant_value, drop_if_unused
+from .base import Emitter, NodeEmitter
+from .graphs import constant_value, default_domain, drop_if_unused, walk
 
 
 @dataclass
@@ -98,3 +105,35 @@ def take_output(graph: gs.Graph, last: gs.Node, bn: gs.Node) -> None:
     last.outputs[0] = bn_out
     for tensor in bn_inputs:
         drop_if_unused(graph, tensor)
+
+
+def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
+    """Fold every BN that :func:`find_fold` finds after a Conv of ``emitter``'s graph
+    (subgraphs included) whose weight and bias are initializers that Conv alone reads;
+    return the names of the BN nodes folded (in graph order).
+
+    Left alone: the last conv of a rewritten layer (its output is one of the layer keys
+    ``rewritten``, which the layer checks look for; its family decided about the BN),
+    and every fold reading a graph input: the copy's initializers have lost their
+    overridable marks, but the overridable ones are still among the graph's inputs."""
+    inputs = {id(tensor) for tensor in emitter.graph.inputs}
+    folded = []
+    for owner, node in list(walk(emitter.graph)):
+        if (node.op != "Conv" or not default_domain(node) or len(node.inputs) < 2
+                or node.outputs[0].name in rewritten):
+            continue
+        tensors = [tensor for tensor in node.inputs[1:3] if tensor is not None and tensor.name]
+        if not all(isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1
+                   and id(tensor) not in inputs for tensor in tensors):
+            continue
+        values = [constant_value(tensor) for tensor in tensors]
+        if values[0].dtype.kind != "f":
+            continue
+        fold = find_fold(owner, node, values[0], values[1] if len(values) > 1 else None)
+        if fold is None or any(id(stat) in inputs for stat in fold.node.inputs[1:]):
+            continue
+        at = NodeEmitter(owner, node, node.name or node.outputs[0].name, emitter.taken)
+        node.inputs[1] = at.constant("weight", fold.weight)
+        apply_fold(owner, node, fold.node, at.constant("bias", fold.bias))
+        folded.append(fold.node.name or "BatchNormalization")
+    return folded

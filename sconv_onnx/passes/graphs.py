@@ -66,7 +66,8 @@ def is_sorted(graph: gs.Graph) -> bool:
     return True
 
 
-def _default_domain(node: gs.Node) -> bool:
+def default_domain(node: gs.Node) -> bool:
+    """``node`` is an op of the default (ai.onnx) domain."""
     return node.domain in ("", "ai.onnx", None)
 
 
@@ -90,7 +91,7 @@ def constant_value(tensor, depth: int = 0) -> np.ndarray | None:
     if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
         return None
     producer = tensor.inputs[0]
-    if not _default_domain(producer):
+    if not default_domain(producer):
         return None
     if producer.op == "Constant":
         return _constant_node_value(producer)
@@ -125,7 +126,7 @@ def _sources(tensor, depth: int = 0):
     node that makes each (None for an initializer or a graph input)."""
     producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
     yield tensor, producer
-    if producer is None or not _default_domain(producer) or producer.op not in FOLDABLE_OPS:
+    if producer is None or not default_domain(producer) or producer.op not in FOLDABLE_OPS:
         return
     if depth < MAX_FOLD_DEPTH:
         for operand in producer.inputs:

@@ -361,7 +361,7 @@ def choose(decide, rewrite, entry_of, original: onnx.ModelProto, batches: list[d
     bound = Bound.of(min_agreement, max_error, scorer.classes)
     order = {out: index for index, node in enumerate(original.graph.node) for out in node.output}
 
-    tried: dict[tuple, dict] = {}  # every trial scored, for the budget curve
+    tried: dict[tuple, dict] = {}  # every trial scored, by (moves, refitted): the budget curve
 
     def scored(trial: Trial) -> Trial:
         tried[trial.moves, bool(trial.refits)] = {

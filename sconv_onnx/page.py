@@ -18,7 +18,7 @@ Plots, where the data holds them:
   layers with no candidate are drawn above the tolerance line: their
   residual is not known, only that it exceeds the tolerance);
 - the MACs each family saved, with its count of layers;
-- a MAC budget's curve: every prefix of its greedy sequence that was
+- a MAC budget's curve: the prefixes of its greedy sequence that were
   scored on the calibration data, agreement (or relative error) against the
   MAC ratio, the one written marked, the bound drawn;
 - the side-by-side benchmark (medians, p90 whiskers) and, with a profile,
@@ -41,6 +41,8 @@ FAMILY_COLOURS = {"box": "#1f77b4", "igc": "#ff7f0e", "csg": "#2ca02c", "lowrank
 _SPARE_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728")
 #: The "before" bars and kept layers.
 BEFORE_COLOUR = "#b0b0b0"
+#: The models of a benchmark (A, B, ..): greys, apart from the families' colours.
+MODEL_COLOURS = (BEFORE_COLOUR, "#555555", "#808080")
 #: Figure width in inches, and the height each layer row takes in per-layer bar plots.
 WIDTH_IN = 9.0
 ROW_IN = 0.17
@@ -70,29 +72,40 @@ def _figure(height_in: float):
     return figure, figure.add_subplot()
 
 
-def _svg(figure) -> str:
-    """The figure as an inline ``<svg>`` element (text as text, no XML prologue)."""
-    from matplotlib import rc_context
+#: matplotlib settings the figures are made and written with: names are text, never
+#: TeX (a node named ``a$b$`` stays as it is), and text stays text in the SVG.
+_RC = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "sconv-onnx"}
 
+
+def _svg(figure) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prologue)."""
     buffer = io.StringIO()
-    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "sconv-onnx"}):
-        figure.savefig(buffer, format="svg", metadata={  # no RDF block, no date: stable pages
-            "Creator": None, "Date": None, "Format": None, "Type": None})
+    figure.savefig(buffer, format="svg", metadata={  # no RDF block, no date: stable pages
+        "Creator": None, "Date": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]
 
 
+def _rewritten_by(layer: dict) -> str | None:
+    """The family that rewrote ``layer``; None for a kept layer."""
+    if layer["decision"] != "rewrite":
+        return None
+    return (layer.get("chosen") or {}).get("family") or "?"
+
+
 def _families(layers: list[dict]) -> list[str]:
-    return list(dict.fromkeys(layer["chosen"]["family"] for layer in layers
-                              if layer["decision"] == "rewrite" and layer.get("chosen")))
+    """The families that rewrote some of ``layers``, in order of first use: the colour
+    order (computed once from all layers, so that every plot agrees)."""
+    return list(dict.fromkeys(filter(None, map(_rewritten_by, layers))))
 
 
-def _legend_for(axes, families: list[str], extra: list[tuple[str, str]] = ()) -> None:
+def _legend_for(axes, shown: list[str], families: list[str],
+                extra: list[tuple[str, str]] = ()) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=colour, label=label) for label, colour in extra]
     handles += [Patch(color=family_colour(name, families), label=f"{name} (rewritten)")
-                for name in families]
+                for name in shown]
     if handles:
         axes.legend(handles=handles, loc="lower right", fontsize=8)
 
@@ -105,19 +118,18 @@ def _human_ticks(axis) -> None:
 
 
 def _paired_bars(layers: list[dict], before_key: str, after_key: str, xlabel: str,
-                 title: str):
+                 title: str, families: list[str]):
     """Horizontal bars per layer: before (grey), after (family colour) where rewritten."""
     rows = [layer for layer in layers if layer.get(before_key) is not None]
     if not rows:
         return None
-    families = _families(rows)
     figure, axes = _figure(0.9 + ROW_IN * 2 * len(rows))
     positions = range(len(rows))
     before = [layer[before_key] for layer in rows]
     after = [layer[after_key] if layer["decision"] == "rewrite" and layer.get(after_key)
              is not None else layer[before_key] for layer in rows]
-    colours = [family_colour(layer["chosen"]["family"], families)
-               if layer["decision"] == "rewrite" else BEFORE_COLOUR for layer in rows]
+    colours = [family_colour(_rewritten_by(layer), families) if _rewritten_by(layer)
+               else BEFORE_COLOUR for layer in rows]
     axes.barh([p - 0.2 for p in positions], before, height=0.4, color=BEFORE_COLOUR)
     axes.barh([p + 0.2 for p in positions], after, height=0.4, color=colours)
     axes.set_yticks(list(positions), [layer["node"] for layer in rows], fontsize=7)
@@ -126,22 +138,25 @@ def _paired_bars(layers: list[dict], before_key: str, after_key: str, xlabel: st
     axes.set_xlabel(xlabel)
     axes.set_title(title, fontsize=10)
     axes.grid(axis="x", alpha=0.3)
-    _legend_for(axes, families, [("before (upper bar); kept layers", BEFORE_COLOUR)])
+    shown = [name for name in families if any(_rewritten_by(layer) == name for layer in rows)]
+    _legend_for(axes, shown, families, [("before (upper bar); kept layers", BEFORE_COLOUR)])
     return figure
 
 
-def macs_figure(layers: list[dict]):
+def macs_figure(layers: list[dict], families: list[str]):
     """Per-layer MACs (batch 1) before and after."""
     return _paired_bars(layers, "macs_before", "macs_after", "multiply-adds at batch 1",
-                        "MACs per layer: before (upper bar) and after (lower bar)")
+                        "MACs per layer: before (upper bar) and after (lower bar)", families)
 
 
-def time_figure(layers: list[dict]):
-    """Per-layer predicted time before and after; measured layer-alone ratios annotated."""
+def time_figure(layers: list[dict], families: list[str]):
+    """Per-layer predicted time before and after; measured layer-alone ratios annotated.
+    Layers of unknown shapes are left out (their cost is per output position)."""
     per_run = [layer for layer in layers if layer.get("macs_before") is not None]
     figure = _paired_bars(per_run, "cost_before", "cost_after",
                           "predicted time (cost model, MAC-equivalents per run)",
-                          "Time per layer as the cost model predicts it: before and after")
+                          "Time per layer as the cost model predicts it: before and after",
+                          families)
     if figure is None:
         return None
     axes = figure.axes[0]
@@ -154,19 +169,20 @@ def time_figure(layers: list[dict]):
     return figure
 
 
-def residual_figure(layers: list[dict], tol: float):
+def residual_figure(layers: list[dict], tol: float, families: list[str]):
     """Each layer's relative weight residual (its chosen, else best, candidate) against
-    ``tol``; layers without a candidate are drawn at 3 tol, marked as unknown."""
+    ``tol``; layers where no structure was found within ``tol`` are drawn at 3 tol, marked
+    as unknown; layers no family could search (``decided_by`` skipped) are not drawn."""
     if not layers:
         return None
-    families = _families(layers)
     figure, axes = _figure(3.6)
     above = tol * 3
     unknown_x = []
     for index, layer in enumerate(layers):
         candidate = layer.get("chosen") or layer.get("best")
         if candidate is None:
-            unknown_x.append(index)
+            if layer.get("decided_by") == "no_candidate":
+                unknown_x.append(index)
             continue
         rewritten = layer["decision"] == "rewrite"
         colour = family_colour(candidate["family"], families) if rewritten else BEFORE_COLOUR
@@ -176,7 +192,7 @@ def residual_figure(layers: list[dict], tol: float):
     if unknown_x:
         axes.scatter(unknown_x, [above] * len(unknown_x), s=28, marker="^", color="white",
                      edgecolors="black", linewidths=0.6, zorder=3,
-                     label="no candidate (residual above tol)")
+                     label="no structure within tol (residual above it)")
     axes.axhline(tol, color="#d62728", linestyle="--", linewidth=1, label=f"tol {tol:g}")
     axes.set_yscale("log")
     axes.set_xticks(range(len(layers)), [layer["node"] for layer in layers], rotation=90,
@@ -188,39 +204,40 @@ def residual_figure(layers: list[dict], tol: float):
     from matplotlib.lines import Line2D
 
     handles, _ = axes.get_legend_handles_labels()
+    shown = [name for name in families if any(_rewritten_by(layer) == name for layer in layers)]
     handles += [Line2D([], [], marker="o", linestyle="", color=family_colour(name, families),
-                       label=f"{name} (rewritten)") for name in families]
+                       label=f"{name} (rewritten)") for name in shown]
     axes.legend(handles=handles, fontsize=8, loc="lower right")
     return figure
 
 
-def family_figure(layers: list[dict]):
-    """MACs saved by each family, with the count of layers it rewrote and the kept ones."""
-    families = _families(layers)
-    known = [layer for layer in layers if layer.get("macs_before") is not None]
-    if not families or not known:
+def family_figure(layers: list[dict], families: list[str]):
+    """Per family: the share of the layers' MACs it saved (negative: added), and the
+    layers it rewrote; the kept layers in the title."""
+    if not families:
         return None
-    saved = {name: 0 for name in families}
-    count = {name: 0 for name in families}
-    for layer in known:
-        if layer["decision"] == "rewrite":
-            name = layer["chosen"]["family"]
+    total = sum(layer["macs_before"] for layer in layers if layer.get("macs_before") is not None)
+    saved = dict.fromkeys(families, 0)
+    count = dict.fromkeys(families, 0)
+    for layer in layers:
+        name = _rewritten_by(layer)
+        if name is None:
+            continue
+        count[name] += 1
+        if layer.get("macs_before") is not None and layer.get("macs_after") is not None:
             saved[name] += layer["macs_before"] - layer["macs_after"]
-            count[name] += 1
-    kept = sum(layer["decision"] != "rewrite" for layer in layers)
+    kept = sum(_rewritten_by(layer) is None for layer in layers)
     figure, axes = _figure(0.9 + 0.45 * len(families))
-    total = sum(layer["macs_before"] for layer in known)
     shares = [100 * saved[name] / max(total, 1) for name in families]
     axes.barh(families, shares, color=[family_colour(name, families) for name in families])
     for position, name in enumerate(families):
         axes.annotate(f"{count[name]} layer{'s' * (count[name] != 1)}, {human(saved[name])} MACs",
-                      (shares[position], position), xytext=(4, 0), textcoords="offset points",
-                      va="center", fontsize=8)
+                      (max(shares[position], 0), position), xytext=(4, 0),
+                      textcoords="offset points", va="center", fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("% of the layers' MACs saved")
-    axes.set_xlim(0, max(shares) * 1.6 + 1)
-    axes.set_title(f"Family per layer: what each family rewrote ({kept} layers kept)",
-                   fontsize=10)
+    axes.set_xlim(min(0, *shares) * 1.2, max(0, *shares) * 1.6 + 1)
+    axes.set_title(f"Per family: what it rewrote ({kept} layers kept)", fontsize=10)
     return figure
 
 
@@ -251,10 +268,13 @@ def budget_figure(check: dict | None):
     bound = check["bound"].get("min_agreement" if agreement else "max_error")
     if bound is not None:
         axes.axhline(bound, color="#d62728", linestyle="--", linewidth=1, label=f"bound {bound:g}")
+    other = check["bound"].get("max_error") if agreement else None
+    if other is not None:  # not on this axis, but in the colours
+        axes.plot([], [], linestyle="", label=f"and relative error <= {other:g}")
     axes.set_xlabel("MACs of the layers, over the original's")
     axes.set_ylabel(label)
-    axes.set_title("MAC budget: every prefix of its greedy sequence scored on the calibration "
-                   "data", fontsize=10)
+    axes.set_title("MAC budget: the prefixes of its greedy sequence that were scored on the "
+                   "calibration data", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return figure
@@ -269,8 +289,8 @@ def bench_figure(bench: dict | None):
     names = [timing["name"] for timing in timings]
     medians = [timing["median_ms"] for timing in timings]
     whiskers = [[0] * len(timings), [t["p90_ms"] - t["median_ms"] for t in timings]]
-    axes.barh(names, medians, xerr=whiskers, color=[BEFORE_COLOUR, "#1f77b4", "#ff7f0e"][
-        :len(timings)], capsize=4)
+    axes.barh(names, medians, xerr=whiskers, capsize=4,
+              color=[MODEL_COLOURS[i % len(MODEL_COLOURS)] for i in range(len(timings))])
     axes.invert_yaxis()
     axes.set_xlabel(f"ms per run (median; whisker to p90; {bench['runs']} runs, "
                     f"{bench['threads']} threads)")
@@ -290,7 +310,7 @@ def profile_figure(bench: dict | None):
     ops = list(profile)
     figure, axes = _figure(0.9 + ROW_IN * len(names) * len(ops) * 1.2)
     height = 0.8 / len(names)
-    colours = [BEFORE_COLOUR, "#1f77b4", "#ff7f0e"]
+    colours = MODEL_COLOURS
     for index, name in enumerate(names):
         axes.barh([p + (index - (len(names) - 1) / 2) * height for p in range(len(ops))],
                   [profile[op][index] for op in ops], height=height,
@@ -330,8 +350,18 @@ def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _plots(figures) -> list[str]:
-    return [f'<div class="plot">{_svg(figure)}</div>' for figure in figures if figure is not None]
+def _plots(*makers) -> list[str]:
+    """Each ``maker()``'s figure (None: nothing to show) as an inline SVG block, made and
+    written under :data:`_RC`."""
+    from matplotlib import rc_context
+
+    blocks = []
+    with rc_context(_RC):
+        for make in makers:
+            figure = make()
+            if figure is not None:
+                blocks.append(f'<div class="plot">{_svg(figure)}</div>')
+    return blocks
 
 
 def _meta(data: dict) -> str:
@@ -390,8 +420,11 @@ def _plan_plots(plan: dict) -> list[str]:
     """The per-layer plots, the budget's curve and the layer table."""
     layers = plan["layers"]
     parts = ["<h2>Per layer</h2>"]
-    parts += _plots([macs_figure(layers), time_figure(layers), residual_figure(layers, plan["tol"]),
-                     family_figure(layers), budget_figure(plan.get("budget_check"))])
+    families = _families(layers)
+    parts += _plots(lambda: macs_figure(layers, families), lambda: time_figure(layers, families),
+                    lambda: residual_figure(layers, plan["tol"], families),
+                    lambda: family_figure(layers, families),
+                    lambda: budget_figure(plan.get("budget_check")))
     parts.append("<h2>Layers</h2>")
     parts.append(_table(["node", "op", "family", "weight", "structure", "residual",
                          "MACs before", "MACs after", "measured", "decision", "reason"],
@@ -424,7 +457,8 @@ def optimize_page(report: dict, source: str, target: str) -> str:
                      + "</ul>")
     if report.get("bench"):
         parts.append("<h2>Benchmark</h2>")
-        parts += _plots([bench_figure(report["bench"]), profile_figure(report["bench"])])
+        parts += _plots(lambda: bench_figure(report["bench"]),
+                        lambda: profile_figure(report["bench"]))
     parts += _plan_plots(report["plan"])
     return _document(f"sconv-onnx optimize {source}", parts)
 
@@ -445,7 +479,7 @@ def bench_page(result: dict, paths: list[str]) -> str:
     parts = [f"<h1>sconv-onnx bench: {_escape(' vs '.join(paths))}</h1>", _meta(result),
              _table(["model", "file", "median ms", "p90 ms", "ratio to A"], rows,
                     numeric={2, 3, 4})]
-    parts += _plots([bench_figure(result), profile_figure(result)])
+    parts += _plots(lambda: bench_figure(result), lambda: profile_figure(result))
     if not result.get("profile"):
         parts.append("<p>Add --profile for the time per onnxruntime op type.</p>")
     return _document(f"sconv-onnx bench {' '.join(paths)}", parts)

@@ -116,3 +116,45 @@ def test_batchnorm_after_a_conv_whose_weight_is_shared_stays():
     new, report = sconv_onnx.optimize(model)
     assert "BatchNormalization" in [node.op_type for node in new.graph.node]
     assert report.max_rel_error < 1e-5
+
+
+def test_batchnorm_in_a_branch_reading_the_conv_outside_stays():
+    """A BN inside an ``If`` branch that reads a kept conv's output from the outer graph
+    is not this conv's to fold (its node lives in the branch): left, and the run passes."""
+    spec = ConvSpec(**{**SPEC.__dict__, "sizes": None})
+    model = _with_batchnorm(spec)
+    graph = model.graph
+    bn, relu = graph.node[1], graph.node[2]
+    del graph.node[1:]
+    shape = list(spec.input_shape)
+    branch = helper.make_graph([bn, relu], "then", [], [
+        helper.make_tensor_value_info("r", TensorProto.FLOAT, shape)])
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["r2"])], "else", [], [
+        helper.make_tensor_value_info("r2", TensorProto.FLOAT, shape)])
+    graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    graph.node.append(helper.make_node("If", ["flag"], ["r_if"], then_branch=branch,
+                                       else_branch=other))
+    graph.output[0].name = "r_if"
+    new, report = sconv_onnx.optimize(model, inputs={
+        "x": np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32),
+        "flag": np.array(True)})
+    assert report.status == "PASS"
+    branches = next(node for node in new.graph.node if node.op_type == "If").attribute
+    then = next(attribute.g for attribute in branches if attribute.name == "then_branch")
+    assert "BatchNormalization" in [node.op_type for node in then.node]
+
+
+def test_batchnorm_whose_statistic_is_made_from_a_graph_input_stays():
+    """An overridable statistic behind an Identity is no constant: not folded."""
+    spec = ConvSpec(**{**SPEC.__dict__, "sizes": None})
+    model = _with_batchnorm(spec, stats_as_input=True)
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.full(spec.out_channels, 1.5, np.float32),
+                                                     "bn_scale"))
+    graph.node.insert(0, helper.make_node("Identity", ["bn_scale"], ["bn_scale_copy"]))
+    bn = next(node for node in graph.node if node.op_type == "BatchNormalization")
+    bn.input[1] = "bn_scale_copy"
+    new, report = sconv_onnx.optimize(model)
+    assert "BatchNormalization" in [node.op_type for node in new.graph.node]
+    assert "bn_scale" in [inp.name for inp in new.graph.input]
+    assert report.status == "PASS"

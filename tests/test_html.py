@@ -75,6 +75,46 @@ def test_optimize_page_holds_every_plot_and_the_layer_table(optimized_page, demo
     assert text.count("<tr>") == len(plan.layers) + 3 + 2
 
 
+def test_the_bars_are_the_layers_macs(demo):
+    """The MACs plot draws each layer's before bar at its MACs, and its after bar at the
+    rewrite's MACs (a kept layer's at its own), in its family's colour."""
+    from matplotlib.colors import to_hex
+
+    layers = sconv_onnx.analyze(str(demo)).to_dict()["layers"]
+    figure = page.macs_figure(layers, ["box"])
+    bars = list(figure.axes[0].patches)
+    before, after = bars[:len(layers)], bars[len(layers):]
+    assert [bar.get_width() for bar in before] == [layer["macs_before"] for layer in layers]
+    rewritten = [layer["decision"] == "rewrite" for layer in layers]
+    assert any(rewritten) and not all(rewritten)
+    assert [bar.get_width() for bar in after] == [
+        layer["macs_after"] if done else layer["macs_before"]
+        for layer, done in zip(layers, rewritten)]
+    assert [to_hex(bar.get_facecolor()) for bar in after] == [
+        page.FAMILY_COLOURS["box"] if done else page.BEFORE_COLOUR for done in rewritten]
+
+
+def test_pages_of_odd_reports_still_render(demo):
+    """No verification, one timed model, unknown MACs, a rewrite without its candidate,
+    names matplotlib would read as TeX, no layers at all."""
+    _, report = sconv_onnx.optimize(str(demo), verify=False)
+    data = report.to_dict()
+    assert data["verification"] is None
+    layers = data["plan"]["layers"]
+    layers[0]["node"] = "a$\\frac$_<b>"
+    layers[1]["macs_before"] = layers[1]["macs_after"] = None
+    rewritten = next(layer for layer in layers if layer["decision"] == "rewrite")
+    rewritten["chosen"] = None
+    data["bench"] = {"threads": 1, "runs": 3, "warmup": 1, "profile": None, "ratios": [1.0],
+                     "timings": [{"name": "A", "median_ms": 1.0, "p90_ms": 1.5, "runs": 3}]}
+    text = page.optimize_page(data, "in.onnx", "out.onnx")
+    assert "Not verified" in text and "a$\\frac$_&lt;b&gt;" in text and "<b>" not in text
+    assert len(_svgs(text)) == 5
+    data["plan"]["layers"] = []
+    data["plan"]["totals"].update(layers=0, rewritten=0, macs_before=None, macs_after=None)
+    assert _svgs(page.analyze_page(data["plan"], "in.onnx")) == []
+
+
 def test_analyze_and_bench_pages(demo, tmp_path):
     analyzed = tmp_path / "analyze.html"
     assert main(["analyze", str(demo), "--html", str(analyzed)]) == 0
@@ -147,7 +187,7 @@ def _chromium(browser: str, profile, *args) -> subprocess.CompletedProcess:
         check=True)
 
 
-def test_the_page_renders_its_plots_in_headless_chromium(optimized_page, tmp_path):
+def test_the_page_renders_its_plots_in_headless_chromium(optimized_page, demo, tmp_path):
     from PIL import Image
 
     browser = _browser()
@@ -155,7 +195,9 @@ def test_the_page_renders_its_plots_in_headless_chromium(optimized_page, tmp_pat
     dom = _chromium(browser, tmp_path / "profile", "--dump-dom", path.as_uri()).stdout
     svgs = _svgs(dom)
     assert len(svgs) == 5  # parsed by the browser as SVG elements, each with its drawing
-    assert all(len(re.findall(r"<(path|rect|use)\b", svg)) > 10 for svg in svgs)
+    layers = len(sconv_onnx.analyze(str(demo)).layers)
+    # the MACs plot: two bars per layer (and the axes' own patches)
+    assert len(re.findall(r'<g id="patch_', svgs[1])) >= 2 * layers
     shot = tmp_path / "page.png"
     _chromium(browser, tmp_path / "profile", "--window-size=1200,3400",
               f"--screenshot={shot}", path.as_uri())
@@ -164,5 +206,6 @@ def test_the_page_renders_its_plots_in_headless_chromium(optimized_page, tmp_pat
     assert inked > 0.03, f"a nearly blank page: {inked:.1%} of the pixels drawn"
     box_blue = np.all(np.abs(pixels.astype(int) - (0x1F, 0x77, 0xB4)) <= 8, axis=1).sum()
     grey = np.all(np.abs(pixels.astype(int) - (0xB0, 0xB0, 0xB0)) <= 4, axis=1).sum()
-    # the bars: the box family's colour and the "before" grey, over whole areas
+    # the bars: the box family's colour (no other part of the page uses it) and the
+    # "before" grey, over whole areas
     assert box_blue > 5000 and grey > 5000, (box_blue, grey)

@@ -49,7 +49,7 @@ import onnx_graphsurgeon as gs
 from ..cost import OpCost, total_cost
 from ..errors import InputError, param
 from ..plan import Candidate
-from .graphs import walk
+from .graphs import is_overridable, mark_overridable, walk
 
 if TYPE_CHECKING:  # only for annotations: no import cycle at run time
     from ..measure import Measurer
@@ -272,6 +272,11 @@ class Emitter:
 
     def __init__(self, source: gs.Graph, copy: bool = True):
         self.graph = source.copy() if copy else source
+        if copy:  # a copy's tensors are new objects: carry the overridable marks over
+            copied = self.graph.tensors()
+            for name, tensor in source.tensors().items():
+                if is_overridable(tensor) and name in copied:
+                    mark_overridable(copied[name])
         self._nodes: dict[int, gs.Node] = {}
         self._owners: dict[int, gs.Graph] = {}
         for (_, node), (owner_copy, node_copy) in zip(walk(source), walk(self.graph), strict=True):

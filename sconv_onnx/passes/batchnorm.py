@@ -15,10 +15,11 @@ activation, which stay), only its first output is used (inference mode),
 and the folded weight and bias are finite.
 
 :func:`fold_remaining` then folds, the same way, every BN left after a kept
-Conv (whatever its structure), so that the written model has no unfused BN
-a fold could remove: what onnxsim/onnxslim do first, and what onnxruntime
-does when it loads the model.  It needs the conv's weight (and bias) to be
-initializers read by that conv alone, so that no other reader changes.
+Conv (whatever its structure): what onnxsim/onnxslim do first, and what
+onnxruntime does when it loads the model.  It needs the conv's weight (and
+bias) to be initializers that conv alone reads: their values change in
+place, under their names, and a weight other nodes read too would have to
+be stored twice.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def find_fold(graph: gs.Graph, layer: gs.Node, weight: np.ndarray,
     if len(out.outputs) != 1 or out in graph.outputs:
         return None
     bn = out.outputs[0]
-    if bn.op != "BatchNormalization" or bn.inputs[0] is not out or bn.attrs.get("training_mode", 0):
+    if (bn.op != "BatchNormalization" or not default_domain(bn) or bn.inputs[0] is not out
+            or bn.attrs.get("training_mode", 0)):
+        return None
+    if not any(node is bn for node in graph.nodes):  # in a subgraph reading the outer scope
         return None
     if any(extra.outputs or extra in graph.outputs for extra in bn.outputs[1:]):
         return None
@@ -109,14 +113,12 @@ def take_output(graph: gs.Graph, last: gs.Node, bn: gs.Node) -> None:
 
 def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
     """Fold every BN that :func:`find_fold` finds after a Conv of ``emitter``'s graph
-    (subgraphs included) whose weight and bias are initializers that Conv alone reads;
-    return the names of the BN nodes folded (in graph order).
+    (subgraphs included) whose weight and bias are initializers that Conv alone reads
+    (not overridable); return the names of the BN nodes folded (in graph order).  The
+    weight and bias keep their names.
 
     Left alone: the last conv of a rewritten layer (its output is one of the layer keys
-    ``rewritten``, which the layer checks look for; its family decided about the BN),
-    and every fold reading a graph input: the copy's initializers have lost their
-    overridable marks, but the overridable ones are still among the graph's inputs."""
-    inputs = {id(tensor) for tensor in emitter.graph.inputs}
+    ``rewritten``, which the layer checks look for; its family decided about the BN)."""
     folded = []
     for owner, node in list(walk(emitter.graph)):
         if (node.op != "Conv" or not default_domain(node) or len(node.inputs) < 2
@@ -124,16 +126,21 @@ def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
             continue
         tensors = [tensor for tensor in node.inputs[1:3] if tensor is not None and tensor.name]
         if not all(isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1
-                   and id(tensor) not in inputs for tensor in tensors):
+                   for tensor in tensors):
             continue
         values = [constant_value(tensor) for tensor in tensors]
-        if values[0].dtype.kind != "f":
-            continue
+        if any(value is None for value in values) or values[0].dtype.kind != "f":
+            continue  # overridable
         fold = find_fold(owner, node, values[0], values[1] if len(values) > 1 else None)
-        if fold is None or any(id(stat) in inputs for stat in fold.node.inputs[1:]):
+        if fold is None:
             continue
-        at = NodeEmitter(owner, node, node.name or node.outputs[0].name, emitter.taken)
-        node.inputs[1] = at.constant("weight", fold.weight)
-        apply_fold(owner, node, fold.node, at.constant("bias", fold.bias))
+        tensors[0].values = fold.weight
+        if len(tensors) > 1:
+            tensors[1].values = fold.bias
+            bias = tensors[1]
+        else:
+            at = NodeEmitter(owner, node, node.name or node.outputs[0].name, emitter.taken)
+            bias = at.constant("bias", fold.bias)
+        apply_fold(owner, node, fold.node, bias)
         folded.append(fold.node.name or "BatchNormalization")
     return folded

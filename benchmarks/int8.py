@@ -21,7 +21,9 @@ original's.
 Models: the digits CNN trained with Structural Regularization (seed 0, as
 the digits demo trains it, projected; real images) and three benchmark
 models (structured random weights; random inputs, batch 1):
-:data:`MODELS`.  Each rewrite is made with and without ``--int8``.
+:data:`MODELS`.  Each rewrite is made with and without ``--int8``; for the
+models of :data:`FAMILY_SPLIT`, ``--select all --int8`` also one family at a
+time.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ GENERATED_TEST = 32
 #: Benchmark models (full size): spatial pools only (A), channel pools as 0/1 convs (B),
 #: 1-D convs with CumSum channel sums (audio).
 MODELS = ("struct_resnet18_a", "struct_resnet18_b", "struct_audio1d")
+#: Models whose ``--select all --int8`` rewrite is also made one family at a time: which
+#: family's rewrites the quantized error comes from.
+FAMILY_SPLIT = {"struct_resnet18_b": ("box", "igc")}
 
 
 class _Reader(CalibrationDataReader):
@@ -129,10 +134,12 @@ def measure(label: str, make, folder: Path) -> list[list[str]]:
     path, name, calib, test, labels, batch = make(folder)
     reference = _run(path, name, test, batch)
     variants = {"original": path}
-    for select, int8 in (("cost", False), ("all", False), ("cost", True), ("all", True)):
-        new, report = sconv_onnx.optimize(str(path), select=select, int8=int8)
-        flag = " --int8" if int8 else ""
-        target = folder / f"{path.stem}_{select}{'_int8' if int8 else ''}.onnx"
+    settings = [("cost", False, None), ("all", False, None), ("cost", True, None),
+                ("all", True, None), *(("all", True, family) for family in FAMILY_SPLIT.get(label, ()))]
+    for select, int8, families in settings:
+        new, report = sconv_onnx.optimize(str(path), select=select, int8=int8, families=families)
+        flag = (" --int8" if int8 else "") + (f" --families {families}" if families else "")
+        target = folder / f"{path.stem}_{select}{'_int8' if int8 else ''}_{families}.onnx"
         onnx.save(new, str(target))
         variants[f"--select {select}{flag} ({len(report.plan.rewritten)} layers)"] = target
     rows, base = [], {}  # base: the quantized original's error, per quantizer
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         " ".join(["python benchmarks/int8.py", *(argv or sys.argv[1:])]),
         f"{time.perf_counter() - started:.0f} s",
         ("Each model as given, and rewritten by sconv-onnx (`--select cost`, the default, and "
-         "`--select all`, each with and without `--int8`), quantized the same way by "
+         "`--select all`, each with and without `--int8`; ResNet-18-B's `--select all --int8` "
+         "also with one family at a time), quantized the same way by "
          "onnxruntime: static (QDQ, per-channel int8 "
          f"weights, uint8 activations, MinMax on {CALIB} calibration inputs, {GENERATED_CALIB} "
          f"for the generated models) and dynamic (int8 weights). Errors against the float "

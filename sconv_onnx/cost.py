@@ -126,6 +126,15 @@ class ConvGeometry:
         return tuple(self.in_spatial[i] + self.pads[i] + self.pads[rank + i]
                      - self.dilations[i] * (window[i] - 1) for i in range(rank))
 
+    def unpooled_positions(self, window: tuple[int, ...]) -> float:
+        """Positions of a conv output that a stride-1 pool with ``window`` and no padding
+        then brings to the layer's output size, per output position: ``prod(out_i +
+        window_i - 1) / prod(out_i)`` (1 when the output size is unknown)."""
+        if self.out_spatial is None:
+            return 1.0
+        wider = math.prod(size + width - 1 for size, width in zip(self.out_spatial, window))
+        return wider / max(1, math.prod(self.out_spatial))
+
     def pooled_positions(self, window: tuple[int, ...]) -> float:
         """Positions of a stride-1 sum-pool with ``window``, per output position."""
         pooled = self.pooled_spatial(window)

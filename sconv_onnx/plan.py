@@ -24,6 +24,10 @@ from .cost import OpCost, total_cost
 
 #: :attr:`Candidate.int8_risk` of a rewrite that pools over channels or input features.
 CHANNEL_SUMS = "it pools over channels, whose sums int8 cannot hold"
+#: :attr:`Candidate.int8_risk` of a spatial pool before the small conv where one after it
+#: would do (:mod:`sconv_onnx.passes.box.pools`, ``avgpool_after``).
+POOL_BEFORE = ("its pool's output is rounded to int8 and the small conv amplifies that "
+               "rounding; the pool after the conv averages it instead")
 #: :attr:`Candidate.int8_risk` of a rewrite that computes the layer's weight in the graph.
 REBUILT_WEIGHT = "it rebuilds the weight in the graph, which onnxruntime's quantizers refuse"
 

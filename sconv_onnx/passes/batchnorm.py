@@ -88,13 +88,17 @@ def per_channel_stats(bn: gs.Node, channels: int) -> list[np.ndarray] | None:
 def apply_fold(graph: gs.Graph, layer: gs.Node, bn: gs.Node, bias: gs.Constant) -> None:
     """Give ``layer`` the folded ``bias`` and the output of ``bn`` (the BatchNormalization
     that :func:`find_fold` found after it); remove ``bn`` from ``graph``."""
+    set_bias(graph, layer, bias)
+    take_output(graph, layer, bn)
+
+
+def set_bias(graph: gs.Graph, layer: gs.Node, bias: gs.Constant) -> None:
+    """Make ``bias`` the bias input of ``layer`` (a Conv); drop the old one if unread."""
     old_bias = layer.inputs[2] if len(layer.inputs) > 2 else None
     if old_bias is None:
         layer.inputs.append(bias)
     else:
         layer.inputs[2] = bias
-    take_output(graph, layer, bn)
-    if old_bias is not None:
         drop_if_unused(graph, old_bias)
 
 

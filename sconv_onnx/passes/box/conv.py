@@ -6,7 +6,9 @@ with ``W`` structured at ``(c, n)``:
     Conv(SumPool(X; window (C-c+1, K-n+1), stride 1, dilation d, pads p),
          alpha; kernel n, strides s, dilations d, group g, no pads)
 
-with the original bias and output (docs/DESIGN.md section 1).  A candidate
+with the original bias and output (docs/DESIGN.md section 1); or, for a
+stride-1 layer with spatial structure only, the spatial pool after the small
+conv (``avgpool_after``, :mod:`.pools`: what int8 quantization holds best).  A candidate
 is a structure within the tolerance and one of its valid lowerings
 (:mod:`.pools`); its parts are the channel pool, the spatial pool (both
 keyed, so that layers reading the same tensor share them) and the small
@@ -23,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ... import cost
-from ...plan import CHANNEL_SUMS, Candidate, Part
+from ...plan import CHANNEL_SUMS, POOL_BEFORE, Candidate, Part
 from ...structure import (
     Structure,
     effective_tol,
@@ -36,7 +38,7 @@ from ...structure import (
     windows,
 )
 from ..base import Emitter, LayerInfo, Site
-from ..batchnorm import BatchNormFold, apply_fold, find_fold
+from ..batchnorm import BatchNormFold, find_fold, set_bias, take_output
 from ..graphs import (
     constant_value,
     drop_if_unused,
@@ -44,7 +46,7 @@ from ..graphs import (
     reads_overridable,
     stored_dtypes,
 )
-from .pools import ChannelMatrix, SpatialPool, WindowSum, count
+from .pools import AFTER, ChannelMatrix, SpatialPool, WindowSum, count
 
 OP_TYPE = "Conv"
 #: Quantized convolutions: reported, never rewritten.
@@ -60,7 +62,7 @@ class Lowering:
     """How the sum-pool is emitted (:mod:`.pools`).
 
     ``channel``: ``"cumsum"`` or ``"matrix"``, or None when no channel pooling;
-    ``spatial``: ``"avgpool"`` or ``"ones_conv"``, or None.
+    ``spatial``: ``"avgpool"``, ``"ones_conv"`` or ``"avgpool_after"``, or None.
     """
 
     channel: str | None
@@ -310,16 +312,29 @@ def lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
         spatial = ["ones_conv"]
         window = windows(geom.kernel, structure.kernel)
         rank = len(window)
-        avgpool_ok = (
-            float32
-            and rank == 2  # 1-D AveragePool measured slower than the all-ones conv (audio1d)
-            and site.opset < AVGPOOL_SLOW_OPSET
-            and all(d == 1 for d in geom.dilations)
-            and all(geom.pads[i] < window[i] and geom.pads[rank + i] < window[i] for i in range(rank))
-        )
-        if avgpool_ok:
+        if _avgpool_ok(site) and all(geom.pads[i] < window[i] and geom.pads[rank + i] < window[i]
+                                     for i in range(rank)):
             spatial.insert(0, "avgpool")
-    return [Lowering(c, s) for c in channel for s in spatial]
+        if pool_after_ok(site, structure):
+            spatial.append(AFTER)
+    return [Lowering(c, s) for c in channel for s in spatial if not (c and s == AFTER)]
+
+
+def _avgpool_ok(site: ConvSite) -> bool:
+    """Whether ``site`` may pool with AveragePool: float32, 2-D (1-D AveragePool measured
+    slower than the all-ones conv, audio1d), an opset where it runs on MLAS, no dilation."""
+    geom = site.geometry
+    return (site.weight.dtype == np.float32 and len(geom.kernel) == 2
+            and site.opset < AVGPOOL_SLOW_OPSET and all(d == 1 for d in geom.dilations))
+
+
+def pool_after_ok(site: ConvSite, structure: Structure) -> bool:
+    """Whether the spatial pool may run after the small conv (``avgpool_after``): a
+    spatial structure only (``c = C``), stride 1, and AveragePool allowed."""
+    geom = site.geometry
+    return (structure.kernel != geom.kernel
+            and structure.channels == geom.in_channels_per_group
+            and all(s == 1 for s in geom.strides) and _avgpool_ok(site))
 
 
 @dataclass(frozen=True)
@@ -353,7 +368,10 @@ class ConvLowered:
                 channel = WindowSum(1, geom.in_channels_per_group, structure.channels)
             source = keys["channel pool"] = ("channel", source, lowering.channel, geom.group,
                                              geom.in_channels_per_group, structure.channels)
-        if lowering.spatial:
+        if lowering.spatial == AFTER:  # the layer's own output: shared with no one
+            spatial = SpatialPool(AFTER, geom.out_channels, windows(geom.kernel, structure.kernel),
+                                  geom.dilations, (0,) * (2 * rank))
+        elif lowering.spatial:
             window = windows(geom.kernel, structure.kernel)
             spatial = SpatialPool(lowering.spatial, small_channels, window, geom.dilations,
                                   geom.pads)
@@ -382,14 +400,18 @@ def candidate(site: ConvSite, structure: Structure, lowering: Lowering, family: 
         parts.append(Part("channel pool", count(step.constant_shapes()), (op,), geom.positions,
                           lowered.keys["channel pool"]))
         depth += step.depth
+    small_positions = 1.0  # where the small conv writes, per output position
     if lowered.spatial is not None:
         step = lowered.spatial
-        op = step.op(geom.pooled_positions(step.window))
+        after = step.method == AFTER
+        op = step.op(1.0 if after else geom.pooled_positions(step.window))
+        if after:
+            small_positions = geom.unpooled_positions(step.window)
         parts.append(Part("spatial pool", count(step.constant_shapes()), (op,), geom.positions,
-                          lowered.keys["spatial pool"]))
+                          lowered.keys.get("spatial pool")))
         depth += step.depth
     small = cost.conv_op(geom.out_channels, structure.channels, lowered.small_channels,
-                         structure.kernel, full_positions,
+                         structure.kernel, full_positions, small_positions,
                          kind="small" if structure.kernel != geom.kernel else "dense")
     parts.append(Part("conv", count([alpha_shape(site, structure)]) + site.bias_size, (small,),
                       geom.positions))
@@ -399,7 +421,17 @@ def candidate(site: ConvSite, structure: Structure, lowering: Lowering, family: 
                      parts=tuple(parts), lowering=lowering.label(),
                      payload=BoxChoice(structure, lowering, alpha), rounding_depth=depth,
                      absorbs=absorbs, approximate=approximate,
-                     int8_risk=CHANNEL_SUMS if lowering.channel else "")
+                     int8_risk=_int8_risk(site, structure, lowering))
+
+
+def _int8_risk(site: ConvSite, structure: Structure, lowering: Lowering) -> str:
+    """Why int8 would not hold ``lowering`` (:attr:`~sconv_onnx.plan.Candidate.int8_risk`):
+    a channel pool; a spatial pool before the small conv where one after it would do."""
+    if lowering.channel:
+        return CHANNEL_SUMS
+    if lowering.spatial not in (None, AFTER) and pool_after_ok(site, structure):
+        return POOL_BEFORE
+    return ""
 
 
 def candidates(site: ConvSite, tol: float, family: str) -> list[Candidate]:
@@ -420,7 +452,7 @@ def emit(site: ConvSite, choice: BoxChoice, emitter: Emitter) -> None:
     lowered = ConvLowered.of(site, structure, lowering)
     alpha = fit_alpha(site.weight, structure.sizes) if choice.alpha is None else choice.alpha
     assert alpha.shape == alpha_shape(site, structure)
-    if lowering.spatial == "avgpool":
+    if lowered.spatial is not None and lowered.spatial.averages:
         alpha = alpha * math.prod(lowered.spatial.window)
     at = emitter.at(site.node, site.name)
     old_weight = node.inputs[1]
@@ -432,7 +464,8 @@ def emit(site: ConvSite, choice: BoxChoice, emitter: Emitter) -> None:
             step.emit(at, x, dtype) if isinstance(step, ChannelMatrix)
             else step.emit(at, x, "channel_pool")))
     conv_pads = geom.pads
-    if lowered.spatial is not None:
+    after = lowered.spatial is not None and lowered.spatial.method == AFTER
+    if lowered.spatial is not None and not after:
         x = emitter.shared(spatial_key, lambda: lowered.spatial.emit(at, x, dtype))
         conv_pads = (0,) * (2 * rank)
     node.inputs[0] = x
@@ -444,6 +477,7 @@ def emit(site: ConvSite, choice: BoxChoice, emitter: Emitter) -> None:
     node.attrs["dilations"] = list(geom.dilations)
     node.attrs["group"] = geom.group
     drop_if_unused(graph, old_weight)
-    if site.batchnorm is not None:
-        apply_fold(graph, node, emitter.node(site.batchnorm.node),
-                   at.constant("bias", site.batchnorm.bias))
+    last = lowered.spatial.emit_after(at, node) if after else node
+    if site.batchnorm is not None:  # an average of a per-channel constant is that constant
+        set_bias(graph, node, at.constant("bias", site.batchnorm.bias))
+        take_output(graph, last, emitter.node(site.batchnorm.node))

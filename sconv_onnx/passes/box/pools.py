@@ -27,6 +27,18 @@ Lowerings:
   on MLAS), no dilation, each pad smaller than the window, float32.
 * :class:`SpatialPool` ``ones_conv``: depthwise Conv with an all-ones kernel:
   exact for any rank, dilation, opset and float dtype.
+* :class:`SpatialPool` ``avgpool_after``: the same sum, moved after the small
+  conv.  Sum-pool and conv are both convolutions and commute:
+  ``conv(x, alpha (*) ones(w)) = sumpool_w(conv(x, alpha))``, with the layer's
+  padding on the small conv and none on the pool; at stride 1 only (a
+  strided layer would need the small conv at full resolution).  Written as
+  ``AveragePool`` of ``conv(x, area * alpha)``: the conv's output has the
+  layer's range, and int8 rounds it where the pool then averages the
+  rounding over ``area`` positions, where a pool first is rounded at its
+  output and the small conv amplifies that (issue 15, ``benchmarks/INT8.md``:
+  ResNet-18-B rewritten with ``--int8``, static QDQ, from 1.30x to 1.02x the
+  quantized original's error).  2-D, opset <= 18, float32,
+  like ``avgpool``; the pool runs over the layer's output channels.
 * :class:`ChannelSpread`: the transpose of :class:`ChannelMatrix`, for
   ConvTranspose: a 0/1 1x1 Conv ``(g*C, c, 1..1)`` spreading ``c`` channels
   to ``C`` per group.
@@ -43,6 +55,9 @@ import onnx_graphsurgeon as gs
 from ... import cost
 from ...structure import window
 from ..base import NodeEmitter
+
+#: :class:`SpatialPool` method of the pool after the small conv.
+AFTER = "avgpool_after"
 
 
 def count(shapes: list[tuple[int, ...]]) -> int:
@@ -146,8 +161,9 @@ class WindowSum:
 
 @dataclass(frozen=True)
 class SpatialPool:
-    """Stride-1 sum (``ones_conv``) or mean (``avgpool``) over ``window`` of ``channels``
-    channels, with ``dilations`` and zero padding ``pads``."""
+    """Stride-1 sum (``ones_conv``) or mean (``avgpool``; ``avgpool_after``: of the small
+    conv's output) over ``window`` of ``channels`` channels, with ``dilations`` and zero
+    padding ``pads``."""
 
     method: str
     channels: int
@@ -158,15 +174,33 @@ class SpatialPool:
     def constant_shapes(self) -> list[tuple[int, ...]]:
         return [(self.channels, 1) + self.window] if self.method == "ones_conv" else []
 
+    @property
+    def averages(self) -> bool:
+        """An ``AveragePool`` (alpha carries the window's area), not a sum."""
+        return self.method in ("avgpool", AFTER)
+
     def op(self, positions: float) -> cost.OpCost:
         """Per output position of the layer, the pool writing ``positions`` positions."""
-        name = "AveragePool" if self.method == "avgpool" else "Conv"
-        return cost.pool_op(self.channels, self.window, positions, name)
+        return cost.pool_op(self.channels, self.window, positions,
+                            "AveragePool" if self.averages else "Conv")
 
     @property
     def depth(self) -> int:
         # an average is a sum and a division; alpha carries the area back (one product)
-        return math.prod(self.window) + (2 if self.method == "avgpool" else 0)
+        return math.prod(self.window) + (2 if self.averages else 0)
+
+    def emit_after(self, at: NodeEmitter, conv: gs.Node) -> gs.Node:
+        """``avgpool_after``: an AveragePool inserted after ``conv``, taking its output;
+        ``conv`` writes a new tensor into it.  Returns the pool node."""
+        if self.method != AFTER or any(self.pads):
+            raise ValueError("only avgpool_after runs after the conv, unpadded")
+        pooled = conv.outputs[0]
+        conv.outputs[0] = gs.Variable(at.name("conv_out"))
+        pool = gs.Node("AveragePool", at.name("sum_pool_after"),
+                       {"kernel_shape": list(self.window), "strides": [1] * len(self.window)},
+                       [conv.outputs[0]], [pooled])
+        at.graph.nodes.insert(at.graph.nodes.index(conv) + 1, pool)
+        return pool
 
     def emit(self, at: NodeEmitter, x: gs.Tensor, dtype, bias: gs.Tensor | None = None,
              output: gs.Variable | None = None) -> gs.Tensor:

@@ -45,10 +45,6 @@ import numpy as np
 MAX_EXACT_CHANNEL_CHECKS = 16
 #: Columns kept when sketching a large weight for the channel screen.
 SKETCH_COLUMNS = 8
-#: From this many channels the screen's trigonometry runs in float32 and its
-#: bounds are lowered by ``WIDE_MARGIN`` to cover the rounding.
-WIDE_CHANNELS = 512
-WIDE_MARGIN = 1e-5
 #: A sketched lower bound may overshoot by random chance (with 8 columns the
 #: squared bound exceeds 4x its expectation with probability about 1e-4);
 #: screen with slack.
@@ -67,8 +63,8 @@ ELEMENTWISE_FLOPS = 50
 #: 3 times slower than large products (every ``n`` of a 1-D kernel of 400: 4e10 flops
 #: in 3.1 s).
 SOLVE_FLOPS = 3
-#: Elementwise passes per entry of the channel screen's ``(C-1) x C`` phase matrix:
-#: the product, the float32 cast, cos and sin.
+#: Elementwise passes per length and block of the channel screen's rotations
+#: (:func:`_phase_products`): the phase, cos, sin and the complex product.
 SCREEN_PASSES = 4
 #: Exact channel checks :func:`search_flops` counts: a structured weight passes the
 #: screen at its own size and a few more (a 1000 x 2048 weight structured at 1024: 2
@@ -97,11 +93,31 @@ def windows(full: tuple[int, ...], under: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(window(size, n) for size, n in zip(full, under))
 
 
-@functools.lru_cache(maxsize=4096)
+#: :func:`box_basis` and :func:`box_pinv` keep matrices of at most this many rows (128 KiB
+#: each), :data:`CACHED_MATRICES` of each: their caches hold at most 256 MiB.  Wider
+#: bases are built when asked (the search and the fits use :func:`box_solve` and
+#: :func:`box_sum` there, which need none).
+CACHED_SIZE = 128
+CACHED_MATRICES = 1024
+
+
 def box_basis(size: int, under: int) -> np.ndarray:
     """Return ``A(size, under)``: column ``j`` has ones at rows ``j .. j+size-under``."""
     if not 1 <= under <= size:
         raise ValueError(f"underlying size {under} must be in 1..{size}")
+    return _cached_basis(size, under) if size <= CACHED_SIZE else _basis(size, under)
+
+
+def box_pinv(size: int, under: int) -> np.ndarray:
+    """Moore-Penrose pseudo-inverse of :func:`box_basis` (``under x size``).
+
+    ``A`` has full column rank, so ``A^+ = (A^T A)^-1 A^T``; solving with the
+    banded Gram matrix is about ten times faster than an SVD for wide layers.
+    """
+    return _cached_pinv(size, under) if size <= CACHED_SIZE else _pinv(size, under)
+
+
+def _basis(size: int, under: int) -> np.ndarray:
     span = window(size, under)
     basis = np.zeros((size, under))
     for j in range(under):
@@ -110,17 +126,15 @@ def box_basis(size: int, under: int) -> np.ndarray:
     return basis
 
 
-@functools.lru_cache(maxsize=4096)
-def box_pinv(size: int, under: int) -> np.ndarray:
-    """Moore-Penrose pseudo-inverse of :func:`box_basis` (``under x size``).
-
-    ``A`` has full column rank, so ``A^+ = (A^T A)^-1 A^T``; solving with the
-    banded Gram matrix is about ten times faster than an SVD for wide layers.
-    """
+def _pinv(size: int, under: int) -> np.ndarray:
     basis = box_basis(size, under)
     pinv = np.linalg.solve(basis.T @ basis, basis.T)
     pinv.setflags(write=False)
     return pinv
+
+
+_cached_basis = functools.lru_cache(maxsize=CACHED_MATRICES)(_basis)
+_cached_pinv = functools.lru_cache(maxsize=CACHED_MATRICES)(_pinv)
 
 
 def _along(matrix: np.ndarray, tensor: np.ndarray, axis: int) -> np.ndarray:
@@ -136,10 +150,36 @@ def fit_alpha(weight: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
     """
     alpha = np.asarray(weight, dtype=np.float64)
     for axis, under in enumerate(sizes, start=1):
-        full = alpha.shape[axis]
-        if under != full:
-            alpha = _along(box_pinv(full, under), alpha, axis)
+        if under != alpha.shape[axis]:
+            alpha = np.moveaxis(box_solve(np.moveaxis(alpha, axis, 1), under), 1, axis)
     return alpha
+
+
+def box_solve(tensor: np.ndarray, under: int) -> np.ndarray:
+    """``A(C, under)^+`` applied along axis 1 of ``tensor`` ``(O, C, ..)``, in ``O(size)``.
+
+    The projection on ``A``'s range is ``v = w - u``, ``u`` the periodic part of
+    :func:`complement_fit`; then ``v = A a`` is solved exactly: ``v_i`` sums ``a`` over
+    ``i - L < j <= i`` (``L = C - under + 1``), so ``a_i - a_(i-L) = v_i - v_(i-1)``,
+    and ``a`` is the running sum, every ``L`` entries, of those differences.  Equal to
+    ``box_pinv(C, under) @ w`` (tests/test_structure.py checks both to 1e-10).
+    """
+    tensor = np.asarray(tensor, dtype=np.float64)
+    shape = tensor.shape
+    weight3 = tensor.reshape(shape[0], shape[1], -1)
+    channels = shape[1]
+    period = channels - under + 1
+    _, periodic = complement_fit(weight3, under)
+    # v = w - u, u_i = p_(i mod L): only its first ``under`` entries are needed
+    rows = np.arange(under)
+    fitted = weight3[:, :under] - periodic[:, rows % period]
+    steps = np.diff(fitted, axis=1, prepend=0.0)
+    blocks = -(-under // period)
+    padded = np.zeros((shape[0], blocks * period, weight3.shape[2]))
+    padded[:, :under] = steps
+    alpha = np.cumsum(padded.reshape(shape[0], blocks, period, -1), axis=1)
+    return alpha.reshape(shape[0], blocks * period, -1)[:, :under].reshape(
+        (shape[0], under) + shape[2:])
 
 
 def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
@@ -148,8 +188,22 @@ def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
     for axis in range(1, weight.ndim):
         full, under = full_shape[axis], weight.shape[axis]
         if under != full:
-            weight = _along(box_basis(full, under), weight, axis)
+            weight = np.moveaxis(box_sum(np.moveaxis(weight, axis, 1), full), 1, axis)
     return weight
+
+
+def box_sum(tensor: np.ndarray, size: int) -> np.ndarray:
+    """``A(size, c)`` applied along axis 1 of ``tensor`` ``(O, c, ..)``: entry ``i`` sums
+    ``tensor`` over ``i - L < j <= i`` (``L = size - c + 1``), by running sums, ``O(size)``
+    per column (equal to :func:`box_basis` ``@``)."""
+    tensor = np.asarray(tensor, dtype=np.float64)
+    under = tensor.shape[1]
+    period = size - under + 1
+    running = np.zeros((tensor.shape[0], size + 1) + tensor.shape[2:])
+    np.cumsum(tensor, axis=1, out=running[:, 1:under + 1])
+    running[:, under + 1:] = running[:, under:under + 1]
+    rows = np.arange(size)
+    return running[:, rows + 1] - running[:, np.maximum(rows + 1 - period, 0)]
 
 
 def is_finite(array: np.ndarray) -> bool:
@@ -184,6 +238,37 @@ def scaled(weight: np.ndarray) -> np.ndarray:
     return np.ldexp(weight, -math.frexp(largest)[1])
 
 
+#: Weight elements :func:`filter_blocks` converts to float64 at once (32 MiB): what the
+#: search holds beside the weight itself.
+BLOCK_ELEMENTS = 2**22
+
+
+def power_of_two_scale(weight3: np.ndarray) -> float:
+    """The factor :func:`scaled` applies (``max|W|`` to ``[0.5, 1)``; 1 for a zero
+    weight), read a block of filters at a time; ``ValueError`` for NaN or Inf."""
+    largest = 0.0
+    for start, stop in _filter_ranges(weight3):
+        block = np.asarray(weight3[start:stop])
+        if not is_finite(block):
+            raise ValueError("weight holds NaN or Inf: it has no structure")
+        largest = max(largest, float(np.max(np.abs(block), initial=0.0)))
+    return 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
+
+
+def _filter_ranges(weight3: np.ndarray) -> list[tuple[int, int]]:
+    per_filter = max(1, math.prod(weight3.shape[1:]))
+    step = max(1, BLOCK_ELEMENTS // per_filter)
+    return [(start, min(start + step, weight3.shape[0]))
+            for start in range(0, weight3.shape[0], step)]
+
+
+def filter_blocks(weight3: np.ndarray, scale: float = 1.0):
+    """``weight3`` ``(O, C, S)`` in float64 times ``scale`` (a power of two: exact), a
+    block of at most :data:`BLOCK_ELEMENTS` elements (whole filters) at a time."""
+    for start, stop in _filter_ranges(weight3):
+        yield np.multiply(weight3[start:stop], scale, dtype=np.float64)  # one pass
+
+
 def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
     """``||W - A alpha||_F / ||W||_F`` for the least-squares ``alpha`` (``ValueError``
     for a weight holding NaN or Inf)."""
@@ -208,26 +293,76 @@ def _spatial_projector(kernel: tuple[int, ...], under: tuple[int, ...]) -> np.nd
     return projector
 
 
-def _channel_gram(weight3: np.ndarray, under: int) -> np.ndarray:
+def folded_sums(weight3: np.ndarray, period: int) -> np.ndarray:
+    """Sums over the channel axis of ``weight3`` ``(O, C, S)`` by channel index modulo
+    ``period``: ``(O, period, S)``, entry ``k`` the sum of channels ``k, k + period, ..``.
+
+    One pass over the weight (``O(O C S)``), no copy of it: on the filters flattened
+    to ``C S`` entries, the channels ``[b L, (b+1) L)`` are the contiguous entries
+    ``[b L S, (b+1) L S)``."""
+    out, channels, spatial = weight3.shape
+    flat = weight3.reshape(out, channels * spatial)
+    width = period * spatial
+    sums = np.zeros((out, width))
+    for start in range(0, flat.shape[1], width):
+        block = flat[:, start:start + width]
+        sums[:, :block.shape[1]] += block
+    return sums.reshape(out, period, spatial)
+
+
+def complement_fit(weight3: np.ndarray, under: int,
+                   scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The projection of each channel column of ``weight3`` ``(O, C, S)`` on the orthogonal
+    complement of the range of ``A(C, under)``, in folded form: ``(sums, periodic)``, both
+    ``(O, L, S)`` with ``L = C - under + 1``.
+
+    ``u`` is orthogonal to every column of ``A`` (a window of ``L`` ones) exactly when
+    every ``L`` consecutive entries of ``u`` sum to zero, that is when ``u`` repeats with
+    period ``L`` and one period sums to zero: ``u_i = p_(i mod L)``, ``sum_k p_k = 0``.
+    With ``s_k`` the sum of ``w_i`` over ``i = k mod L`` (:func:`folded_sums`) and
+    ``m_k`` the count of such ``i``, the projection of ``w`` minimizes
+    ``sum_k m_k p_k^2 - 2 p_k s_k`` under that constraint:
+    ``p_k = (s_k - lambda) / m_k``, ``lambda = sum_k (s_k / m_k) / sum_k (1 / m_k)``.
+    Its energy is ``sum_k p_k s_k``.  ``O(O C S)`` in all, where a dense
+    pseudo-inverse of ``A`` costs ``O(under^2 C)`` to build and ``O(under C O S)`` to
+    apply (issue 16: 54 s at C = 4096).  The sums are taken in float64 whatever the
+    weight's dtype, then multiplied by ``scale`` (a power of two: exact).
+    """
+    out, channels, spatial = weight3.shape
+    period = channels - under + 1
+    sums = folded_sums(weight3, period)
+    if scale != 1.0:
+        sums *= scale
+    whole, left = divmod(channels, period)
+    inverse = np.full(period, 1.0 / whole)
+    inverse[:left] = 1.0 / (whole + 1)
+    # on (O, L S) rows, entry k S + s: long inner loops, also for S = 1
+    flat = sums.reshape(out, period * spatial)
+    spread = np.repeat(inverse, spatial)
+    shift = (flat * spread).reshape(out, period, spatial).sum(axis=1) / inverse.sum()
+    periodic = (flat - np.tile(shift, (1, period))) * spread
+    return sums, periodic.reshape(out, period, spatial)
+
+
+def _channel_gram(weight3: np.ndarray, under: int, full_gram: np.ndarray,
+                  scale: float = 1.0) -> np.ndarray:
     """Spatial Gram matrix of the weight projected on the channel structure ``under``.
 
-    ``weight3`` is ``W`` as ``(O, C, S)`` with the spatial axes flattened.
-    With ``Y_o = A^+ W_o`` and ``U_o = A^T W_o`` (``c x S`` per filter ``o``),
-    ``H = sum_o Y_o^T U_o`` (``S x S``), and for any spatial projector
-    ``P_S`` the joint projection has energy
-    ``||(A A^+ (x) P_S) W||^2 = trace(P_S H)``.  For ``under == C``, ``H`` is
-    the plain Gram ``sum_(o,c) w_oc w_oc^T``.
+    ``weight3`` is ``W`` as ``(O, C, S)`` with the spatial axes flattened (any float
+    dtype: read in float64 a block of filters at a time, times ``scale``), ``full_gram``
+    its plain spatial Gram ``sum_(o,c) w_oc w_oc^T``.  For any spatial projector
+    ``P_S`` the joint projection has energy ``||(A A^+ (x) P_S) W||^2 = trace(P_S H)``
+    with ``H = sum_o W_o^T A A^+ W_o`` = the full Gram less the Gram of the projection
+    on the complement of ``A``'s range (:func:`complement_fit`:
+    ``sum_o sum_k s_ok p_ok^T``).
     """
-    channels, spatial = weight3.shape[1], weight3.shape[2]
-    if under == channels:
-        flat = weight3.reshape(-1, spatial)
-        return flat.T @ flat
-    # channels first, filters and space as columns: one matrix product each (a product
-    # per filter ran 10x slower on a 4096 x 4096 weight)
-    columns = np.moveaxis(weight3, 1, 0).reshape(channels, -1)
-    fitted = box_pinv(channels, under) @ columns
-    summed = box_basis(channels, under).T @ columns
-    return fitted.reshape(-1, spatial).T @ summed.reshape(-1, spatial)
+    if under == weight3.shape[1]:
+        return full_gram
+    complement = np.zeros_like(full_gram)
+    for start, stop in _filter_ranges(weight3):  # folded as stored, in float64, then scaled
+        sums, periodic = complement_fit(weight3[start:stop], under, scale)
+        complement += np.tensordot(sums, periodic, axes=([0, 1], [0, 1]))
+    return full_gram - complement
 
 
 def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
@@ -244,18 +379,40 @@ def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
     return math.sqrt(max(0.0, left))
 
 
-def _sketch(weight: np.ndarray, seed: int) -> tuple[np.ndarray, bool]:
+def _sketch(weight: np.ndarray, seed: int, scale: float = 1.0) -> tuple[np.ndarray, bool]:
     """The channel-major matrix ``(C, rest)`` of ``weight``, right-multiplied by a
     Gaussian ``(rest, SKETCH_COLUMNS)`` sketch when wider than that."""
-    channels = weight.shape[1]
-    matrix = np.moveaxis(np.asarray(weight, dtype=np.float64), 1, 0).reshape(channels, -1)
-    if matrix.shape[1] <= SKETCH_COLUMNS:
-        return matrix, False
-    gauss = np.random.default_rng(seed).standard_normal((matrix.shape[1], SKETCH_COLUMNS))
-    return matrix @ gauss / math.sqrt(SKETCH_COLUMNS), True
+    weight3 = np.reshape(weight, (weight.shape[0], weight.shape[1], -1))
+    sketcher = _Sketcher(weight3.shape, seed)
+    if sketcher.gauss is None:
+        return np.moveaxis(weight3.astype(np.float64) * scale, 1, 0).reshape(
+            weight3.shape[1], -1), False
+    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, scale)):
+        sketcher.add(block, start, stop)
+    return sketcher.result(), True
 
 
-def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray, bool]:
+class _Sketcher:
+    """:func:`_sketch` a block of filters at a time: the columns ``(o, s)`` in the order
+    of the channel-major matrix, one Gaussian row each; no float64 copy of the weight."""
+
+    def __init__(self, shape: tuple[int, int, int], seed: int):
+        out, channels, spatial = shape
+        self.gauss = (None if out * spatial <= SKETCH_COLUMNS else
+                      np.random.default_rng(seed).standard_normal((out, spatial, SKETCH_COLUMNS)))
+        self.sketch = np.zeros((channels, SKETCH_COLUMNS))
+
+    def add(self, block: np.ndarray, start: int, stop: int) -> None:
+        """Add filters ``start:stop`` (``block``, float64 ``(o, C, S)``)."""
+        for position in range(block.shape[2]):  # BLAS on a transposed view, no copy at S = 1
+            self.sketch += block[:, :, position].T @ self.gauss[start:stop, position]
+
+    def result(self) -> np.ndarray:
+        return self.sketch / math.sqrt(SKETCH_COLUMNS)
+
+
+def channel_lower_bounds(weight: np.ndarray, seed: int = 0,
+                         scale: float = 1.0) -> tuple[np.ndarray, bool]:
     """Cheap lower bounds on the channel-axis residual for every ``c``.
 
     ``v`` (length ``C``) lies in the range of ``A(C, c)`` exactly when its
@@ -265,28 +422,60 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     is ``V(w) (1 - exp(-2 pi i w))``.  So the real vectors
     ``cos(2 pi i / L)`` and ``sin(2 pi i / L)`` are orthogonal to the range,
     and the energy of ``v`` in their span bounds the squared projection
-    residual from below.  One matrix product gives it for every ``L``.
+    residual from below.  Matrix products give it for every ``L``
+    (:func:`_phase_products`).
 
     Large weights are sketched to :data:`SKETCH_COLUMNS` random columns first
-    (the channel structure survives right-multiplication); the bound is then
-    an estimate, flagged by the second return value.
+    (:func:`_sketch`: the channel structure survives right-multiplication); the
+    bound is then an estimate, flagged by the second return value.  ``scale``
+    multiplies the weight as it is read (a power of two, :func:`power_of_two_scale`:
+    a weight of 1e300 would overflow its squares).
 
     Returns ``(bounds, sketched)`` with ``bounds[c - 1]`` for ``c = 1..C``.
     """
-    channels = weight.shape[1]
-    matrix, sketched = _sketch(weight, seed)
+    matrix, sketched = _sketch(weight, seed, scale)
+    return _screen_bounds(matrix), sketched
+
+
+#: Rows of the weight matrix each step of :func:`_phase_products` takes.
+PHASE_ROWS = 64
+
+
+def _phase_products(theta: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cos(theta_l i) @ matrix`` and ``sin(theta_l i) @ matrix`` (``i`` over the rows of
+    ``matrix``), ``(len(theta), columns)`` each, in float64.
+
+    By blocks of :data:`PHASE_ROWS` rows: ``sum_i e^(j theta i) m_i = sum_start
+    e^(j theta start) sum_(r < PHASE_ROWS) e^(j theta r) m_(start + r)``, so the
+    trigonometry is one ``(lengths, PHASE_ROWS)`` table and a rotation per block, and
+    the rest matrix products: ``O(lengths rows columns)`` flops in BLAS, no
+    ``lengths x rows`` phase matrix (268 MB at C = 8192, 2.5 GB at C = 25088)."""
+    channels, columns = matrix.shape
+    step = min(channels, PHASE_ROWS)
+    local = theta[:, None] * np.arange(step)[None, :]
+    cos_local, sin_local = np.cos(local), np.sin(local)
+    real = np.zeros((len(theta), columns))
+    imag = np.zeros_like(real)
+    for start in range(0, channels, step):
+        part = matrix[start:start + step]
+        rows = part.shape[0]
+        part_cos, part_sin = cos_local[:, :rows] @ part, sin_local[:, :rows] @ part
+        turn_cos, turn_sin = np.cos(theta * start)[:, None], np.sin(theta * start)[:, None]
+        real += turn_cos * part_cos - turn_sin * part_sin
+        imag += turn_sin * part_cos + turn_cos * part_sin
+    return real, imag
+
+
+def _screen_bounds(matrix: np.ndarray) -> np.ndarray:
+    """:func:`channel_lower_bounds` of the channel-major ``matrix`` ``(C, columns)``."""
+    channels = matrix.shape[0]
     norm_sq = float(np.sum(matrix * matrix))
     bounds = np.zeros(channels)
     if norm_sq == 0.0 or channels < 2:
-        return bounds, sketched
+        return bounds
     lengths = np.arange(2, channels + 1)  # every window L = C - c + 1 > 1
     theta = 2 * np.pi / lengths
-    # wide layers: float32 trigonometry (4x faster), its rounding covered by a margin
-    wide = channels >= WIDE_CHANNELS
-    phase = theta[:, None] * np.arange(channels)[None, :]
-    if wide:
-        phase = phase.astype(np.float32)
-    a, b = np.cos(phase) @ matrix, np.sin(phase) @ matrix  # (lengths, columns)
+    a, b = _phase_products(theta, matrix)  # (lengths, columns)
     # sum_i cos^2, sin^2, cos*sin over i < C in closed form: half-sums of exp(2 i theta i)
     ratio = np.exp(2j * theta)
     geometric = np.where(
@@ -302,11 +491,18 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0) -> tuple[np.ndarray,
     energy_plane = np.sum(ss[:, None] * a * a - 2 * cs[:, None] * a * b + cc[:, None] * b * b, 1) / safe
     energy_line = np.sum(a * a, 1) / cc  # sin vanishes (L = 2) or is parallel to cos
     energy = np.where(plane, energy_plane, energy_line)
-    bound = np.sqrt(np.clip(energy / norm_sq, 0.0, 1.0))
-    if wide:
-        bound = np.maximum(bound - WIDE_MARGIN, 0.0)
-    bounds[channels - lengths] = bound  # c - 1 = C - L
-    return bounds, sketched
+    bounds[channels - lengths] = np.sqrt(np.clip(energy / norm_sq, 0.0, 1.0))  # c - 1 = C - L
+    return bounds
+
+
+def _sketch_residual(matrix: np.ndarray, under: int) -> float:
+    """The relative channel residual at ``under`` of the channel-major ``matrix``
+    ``(C, columns)`` (a sketch: exact on it, an estimate of the weight's)."""
+    norm_sq = float(np.sum(matrix * matrix))
+    if norm_sq == 0.0:
+        return 0.0
+    sums, periodic = complement_fit(matrix.T[:, :, None], under)
+    return math.sqrt(min(1.0, max(0.0, float(np.sum(sums * periodic)) / norm_sq)))
 
 
 #: The smallest tolerance that makes sense for weights stored in a dtype:
@@ -359,22 +555,33 @@ class Structure:
         return f"c={self.channels} n={'x'.join(map(str, self.kernel))}"
 
 
-def _feasible_channels(
-    weight: np.ndarray, weight3: np.ndarray, tol: float, norm_sq: float
-) -> dict[int, np.ndarray]:
+def _feasible_channels(weight3: np.ndarray, scale: float, tol: float) -> dict[int, np.ndarray]:
     """The smallest channel sizes ``c`` within ``tol`` on the channel axis alone, with their
-    spatial Gram matrices (:func:`_channel_gram`); ``C`` itself always included."""
+    spatial Gram matrices (:func:`_channel_gram`); ``C`` itself always included, with the
+    plain Gram.  ``weight3`` ``(O, C, S)`` is read a block of filters at a time, times
+    ``scale``."""
     channels, spatial = weight3.shape[1], weight3.shape[2]
-    grams = {channels: _channel_gram(weight3, channels)}
+    full_gram = np.zeros((spatial, spatial))
+    sketcher = _Sketcher(weight3.shape, 0) if channels > 1 else None
+    sketched = sketcher is not None and sketcher.gauss is not None
+    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, scale)):
+        flat = block.reshape(-1, spatial)  # one pass over the weight for both
+        full_gram += flat.T @ flat
+        if sketched:
+            sketcher.add(block, start, stop)
+    grams = {channels: full_gram}
     if channels == 1:
         return grams
-    bounds, sketched = channel_lower_bounds(weight)
+    norm_sq = float(np.trace(full_gram))
+    matrix = sketcher.result() if sketched else _sketch(weight3, 0, scale)[0]
     slack = SKETCH_SLACK if sketched else 1.0
     identity = np.eye(spatial)
     found = 0
-    candidates = np.flatnonzero(bounds[:-1] <= tol * slack) + 1
+    # the bounds, then each survivor's exact residual on the sketch, before the weight's
+    candidates = [under for under in np.flatnonzero(_screen_bounds(matrix)[:-1] <= tol * slack) + 1
+                  if _sketch_residual(matrix, int(under)) <= tol * slack]
     for checks, under in enumerate(candidates, start=1):
-        gram = _channel_gram(weight3, int(under))
+        gram = _channel_gram(weight3, int(under), full_gram, scale)
         if _residual(gram, identity, norm_sq) <= tol:
             grams[int(under)] = gram
             found += 1
@@ -395,11 +602,13 @@ def search_flops(shape: tuple[int, ...]) -> float:
     (elementwise passes count :data:`ELEMENTWISE_FLOPS` per element):
 
     * the spatial Gram of the whole weight, ``2 O C S^2``;
-    * the channel screen (``C > 1``): the sketch ``2 C R 8`` (when ``R > 8``) and the
-      ``(C-1) x C`` phase matrix, :data:`SCREEN_PASSES` elementwise passes and two
-      products with at most 8 columns per entry;
-    * :data:`EXPECTED_CHANNEL_CHECKS` exact checks at ``c = C/2``: the pseudo-inverse,
-      two products ``2 c C R`` and the Gram ``2 c O S^2``;
+    * the channel screen (``C > 1``): the sketch ``2 C R 8`` (when ``R > 8``), the
+      phase products (two products with at most 8 columns per entry of the
+      ``(C-1) x C`` phases) and :data:`SCREEN_PASSES` elementwise passes per length
+      and block of :data:`PHASE_ROWS` rows;
+    * :data:`EXPECTED_CHANNEL_CHECKS` exact checks at ``c = C/2``: the folded sums, one
+      elementwise pass over the weight, and the Gram of the complement ``2 L O S^2``
+      (``L = C - c + 1``; :func:`complement_fit`);
     * per kernel axis of length ``K``: the pseudo-inverse of every ``n < K`` (small
       solves, :data:`SOLVE_FLOPS` per flop) and a projector per ``n``, three ``S x S``
       passes (the Kronecker product, the product with the Gram and its sum);
@@ -415,10 +624,11 @@ def search_flops(shape: tuple[int, ...]) -> float:
     if channels > 1:
         columns = min(rows, SKETCH_COLUMNS)
         flops += 2 * channels * rows * SKETCH_COLUMNS if rows > SKETCH_COLUMNS else 0
-        flops += (channels - 1) * channels * (SCREEN_PASSES * ELEMENTWISE_FLOPS + 4 * columns)
-        half = max(1, channels // 2)
+        flops += (channels - 1) * (channels * 4 * columns  # the blocked phase products
+                                   + SCREEN_PASSES * ELEMENTWISE_FLOPS * channels / PHASE_ROWS)
+        period = channels - max(1, channels // 2) + 1
         flops += min(EXPECTED_CHANNEL_CHECKS, channels - 1) * (
-            _solve_flops(channels, half) + 4 * half * channels * rows + 2 * half * out * spatial**2)
+            ELEMENTWISE_FLOPS * channels * rows + 2 * period * out * spatial**2)
     for size in kernel:
         solves = sum(_solve_flops(size, under) for under in range(1, size))
         flops += SOLVE_FLOPS * solves + size * square
@@ -454,18 +664,18 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
     (:func:`_channel_gram`): no combination touches the full weight again.
     The subspaces for different ``n`` are not nested; every size is tried.
 
-    ``ValueError`` for a weight holding NaN or Inf (:func:`scaled`) or one
+    ``ValueError`` for a weight holding NaN or Inf (:func:`power_of_two_scale`) or one
     :func:`search_problem` refuses.
     """
     problem = search_problem(np.shape(weight))
     if problem:
         raise ValueError(problem)
-    weight = scaled(weight)
+    weight = np.asarray(weight)
     kernel = tuple(weight.shape[2:])
-    weight3 = weight.reshape(weight.shape[0], weight.shape[1], -1)
-    norm_sq = float(np.sum(weight3 * weight3))
-    grams = _feasible_channels(weight, weight3, tol, norm_sq)
+    weight3 = weight.reshape(weight.shape[0], weight.shape[1], -1)  # a view: no copy
+    grams = _feasible_channels(weight3, power_of_two_scale(weight3), tol)
     full_gram = grams[weight.shape[1]]
+    norm_sq = float(np.trace(full_gram))
     per_axis: list[list[int]] = [sorted(grams)]
     for axis, size in enumerate(kernel):
         feasible = []

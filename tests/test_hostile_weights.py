@@ -276,13 +276,14 @@ def test_caps_name_why_a_search_is_not_run(tmp_path):
              + [_conv("random_64", "w64"), _conv("zero_3", "w0"), _conv("good", "w_good"),
                 helper.make_node("Flatten", ["x"], ["flat"]),
                 helper.make_node("Gemm", ["flat", "w_wide"], ["wide"], name="wide", transB=1)])
+    # 131072 input features: the channel screen alone is about 2e11 flops
     inits = [numpy_helper.from_array(rng.standard_normal((1, 4, 64, 64)).astype(np.float32), "w64"),
              numpy_helper.from_array(np.zeros((4, 4, 3, 3), np.float32), "w0"),
              numpy_helper.from_array(_structured(), "w_good"),
-             numpy_helper.from_array(rng.standard_normal((2, 4 * 128 * 64)).astype(np.float32),
+             numpy_helper.from_array(rng.standard_normal((2, 4 * 256 * 128)).astype(np.float32),
                                      "w_wide")]
     model = _model(nodes, inits, {"ones_128": 4, "random_64": 4, "zero_3": 4, "good": 4, "wide": 2},
-                   x_shape=(1, 4, 128, 64))
+                   x_shape=(1, 4, 256, 128))
     source = tmp_path / "caps.onnx"
     onnx.save(model, str(source))
     done = _cli("analyze", source, "--json", "--select", "all", timeout=60)

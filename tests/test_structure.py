@@ -86,7 +86,8 @@ def test_channel_screen_is_a_lower_bound_of_the_exact_residual(channels, columns
 
 @pytest.mark.parametrize("channels", [12, 600])
 def test_channel_screen_passes_every_exactly_structured_size(channels):
-    """Sketched (wide weights) and float32 (>= WIDE_CHANNELS) screens never reject a true structure."""
+    """Sketched (wide weights) and wide (blocked phase products) screens never reject a
+    true structure."""
     rng = np.random.default_rng(channels)
     for under in (1, 2, channels // 2, channels - 2, channels - 1):
         weight = S.expand(rng.standard_normal((40, under, 1)), (40, channels, 1))
@@ -120,3 +121,44 @@ def test_a_structure_a_random_weight_would_fit_by_chance_is_not_claimed():
     assert S.by_chance(5e-5, (1, 756), (755,)) and not S.by_chance(5e-5, (4, 756), (755,))
     exact = S.expand(rng.standard_normal((1, 755)), (1, 756)).astype(np.float32)
     assert (755,) in [s.sizes for s in S.search(exact, 1e-4)]
+
+
+# --- the fast channel paths against the dense oracle (issue 16) ------------------------------
+
+def _dense_channel_gram(weight3: np.ndarray, under: int) -> np.ndarray:
+    """The Gram of the projection on A(C, under) by the dense pseudo-inverse (the oracle)."""
+    channels, spatial = weight3.shape[1:]
+    columns = np.moveaxis(weight3, 1, 0).reshape(channels, -1)
+    fitted = S.box_pinv(channels, under) @ columns
+    summed = S.box_basis(channels, under).T @ columns
+    return fitted.reshape(-1, spatial).T @ summed.reshape(-1, spatial)
+
+
+@settings(max_examples=120, deadline=None)
+@given(channels=st.sampled_from([1, 2, 3, 7, 13, 31, 64, 97, 128]), out=st.integers(1, 4),
+       spatial=st.integers(1, 5), fraction=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+def test_fast_channel_solve_and_gram_match_the_dense_pseudo_inverse(channels, out, spatial,
+                                                                    fraction, seed):
+    """``box_solve``, ``box_sum`` and ``_channel_gram`` (folded and running sums, O(size))
+    agree with the dense ``box_pinv`` and ``box_basis`` to 1e-10 relative on random weights, every c from 1 to C (prime C,
+    C = 1, c = 1, c = C among them)."""
+    under = 1 + round(fraction * (channels - 1))
+    weight3 = np.random.default_rng(seed).standard_normal((out, channels, spatial))
+    dense = np.einsum("uc,ocs->ous", S.box_pinv(channels, under), weight3)
+    fast = S.box_solve(weight3, under)
+    assert np.abs(fast - dense).max() <= 1e-10 * max(np.abs(dense).max(), 1e-300)
+    expanded = np.einsum("cu,ous->ocs", S.box_basis(channels, under), weight3[:, :under])
+    assert np.allclose(S.box_sum(weight3[:, :under], channels), expanded, rtol=0, atol=1e-10 * max(
+        np.abs(expanded).max(), 1e-300))
+    full = weight3.reshape(-1, spatial).T @ weight3.reshape(-1, spatial)
+    gram = S._channel_gram(weight3, under, full)
+    assert np.abs(gram - _dense_channel_gram(weight3, under)).max() <= 1e-10 * np.abs(full).max()
+
+
+def test_fit_alpha_of_a_wide_structured_layer_is_exact():
+    """A 1024-wide fully connected weight structured at c = 300: alpha recovered, residual 0."""
+    rng = np.random.default_rng(1)
+    alpha = rng.standard_normal((8, 300))
+    weight = alpha @ S.box_basis(1024, 300).T
+    assert np.allclose(S.fit_alpha(weight, (300,)), alpha, atol=1e-10)
+    assert S.relative_residual(weight, (300,)) < 1e-12

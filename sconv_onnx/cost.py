@@ -183,10 +183,14 @@ def conv_op(out_channels: int, in_per_group: int, in_channels: int, kernel: tupl
                   in_channels * in_positions + out_channels * out_positions, kind)
 
 
-def pool_op(channels: int, window: tuple[int, ...], positions: float, op: str) -> OpCost:
+def pool_op(channels: int, window: tuple[int, ...], positions: float, op: str,
+            reads: float | None = None) -> OpCost:
     """A stride-1 sum-pool over ``window`` writing ``channels`` at ``positions`` per output
-    position of the layer (AveragePool, or an all-ones depthwise Conv)."""
-    return OpCost(op, macs.pool(channels * positions, window), 2 * channels * positions, "pool")
+    position of the layer (AveragePool, or an all-ones depthwise Conv), reading them at
+    ``reads`` positions (default: as many)."""
+    reads = positions if reads is None else reads
+    return OpCost(op, macs.pool(channels * positions, window), channels * (positions + reads),
+                  "pool")
 
 
 def gather_op(channels: float) -> OpCost:

@@ -95,8 +95,9 @@ def windows(full: tuple[int, ...], under: tuple[int, ...]) -> tuple[int, ...]:
 
 #: :func:`box_basis` and :func:`box_pinv` keep matrices of at most this many rows (128 KiB
 #: each), :data:`CACHED_MATRICES` of each: their caches hold at most 256 MiB.  Wider
-#: bases are built when asked (the search and the fits use :func:`box_solve` and
-#: :func:`box_sum` there, which need none).
+#: bases are built when asked: the channel axis's fits and search use :func:`box_solve`
+#: and :func:`box_sum`, which need none; a kernel axis's projector is cached itself
+#: (:func:`_projector`); the data-aware fits (:mod:`sconv_onnx.datafit`) build theirs.
 CACHED_SIZE = 128
 CACHED_MATRICES = 1024
 
@@ -135,12 +136,6 @@ def _pinv(size: int, under: int) -> np.ndarray:
 
 _cached_basis = functools.lru_cache(maxsize=CACHED_MATRICES)(_basis)
 _cached_pinv = functools.lru_cache(maxsize=CACHED_MATRICES)(_pinv)
-
-
-def _along(matrix: np.ndarray, tensor: np.ndarray, axis: int) -> np.ndarray:
-    """Multiply ``tensor`` by ``matrix`` along ``axis`` (``tensor x_axis matrix``)."""
-    moved = np.tensordot(matrix, tensor, axes=([1], [axis]))
-    return np.moveaxis(moved, 0, axis)
 
 
 def fit_alpha(weight: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
@@ -195,7 +190,8 @@ def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
 def box_sum(tensor: np.ndarray, size: int) -> np.ndarray:
     """``A(size, c)`` applied along axis 1 of ``tensor`` ``(O, c, ..)``: entry ``i`` sums
     ``tensor`` over ``i - L < j <= i`` (``L = size - c + 1``), by running sums, ``O(size)``
-    per column (equal to :func:`box_basis` ``@``)."""
+    per column (equal to :func:`box_basis` ``@``; as a difference of running sums, its
+    rounding is relative to the running sum, not to the window's)."""
     tensor = np.asarray(tensor, dtype=np.float64)
     under = tensor.shape[1]
     period = size - under + 1
@@ -243,30 +239,32 @@ def scaled(weight: np.ndarray) -> np.ndarray:
 BLOCK_ELEMENTS = 2**22
 
 
-def power_of_two_scale(weight3: np.ndarray) -> float:
-    """The factor :func:`scaled` applies (``max|W|`` to ``[0.5, 1)``; 1 for a zero
-    weight), read a block of filters at a time; ``ValueError`` for NaN or Inf."""
+def power_of_two_shift(weight3: np.ndarray) -> int:
+    """The exponent :func:`scaled` shifts by (``max|W| 2^shift`` in ``[0.5, 1)``; 0 for a
+    zero weight), read a block of filters at a time; ``ValueError`` for NaN or Inf.  An
+    exponent, not a factor: a subnormal float64 weight needs ``2^1029``, above the
+    largest double."""
     largest = 0.0
     for start, stop in _filter_ranges(weight3):
         block = np.asarray(weight3[start:stop])
         if not is_finite(block):
             raise ValueError("weight holds NaN or Inf: it has no structure")
         largest = max(largest, float(np.max(np.abs(block), initial=0.0)))
-    return 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
+    return 0 if largest == 0.0 else -math.frexp(largest)[1]
 
 
-def _filter_ranges(weight3: np.ndarray) -> list[tuple[int, int]]:
+def _filter_ranges(weight3: np.ndarray, elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
     per_filter = max(1, math.prod(weight3.shape[1:]))
-    step = max(1, BLOCK_ELEMENTS // per_filter)
+    step = max(1, elements // per_filter)
     return [(start, min(start + step, weight3.shape[0]))
             for start in range(0, weight3.shape[0], step)]
 
 
-def filter_blocks(weight3: np.ndarray, scale: float = 1.0):
-    """``weight3`` ``(O, C, S)`` in float64 times ``scale`` (a power of two: exact), a
-    block of at most :data:`BLOCK_ELEMENTS` elements (whole filters) at a time."""
-    for start, stop in _filter_ranges(weight3):
-        yield np.multiply(weight3[start:stop], scale, dtype=np.float64)  # one pass
+def filter_blocks(weight3: np.ndarray, shift: int = 0, elements: int = BLOCK_ELEMENTS):
+    """``weight3`` ``(O, C, S)`` in float64 times ``2^shift`` (exact), a block of at most
+    ``elements`` elements (whole filters) at a time."""
+    for start, stop in _filter_ranges(weight3, elements):
+        yield np.ldexp(weight3[start:stop], shift, dtype=np.float64)  # one pass
 
 
 def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
@@ -280,9 +278,13 @@ def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
     return float(np.linalg.norm(weight - projected)) / norm
 
 
+@functools.lru_cache(maxsize=32)
 def _projector(size: int, under: int) -> np.ndarray:
-    """Orthogonal projector ``A A^+`` onto the range of ``A(size, under)``."""
-    return box_basis(size, under) @ box_pinv(size, under)
+    """Orthogonal projector ``A A^+`` onto the range of ``A(size, under)`` (a kernel axis:
+    at most :data:`MAX_KERNEL_ELEMENTS` rows, so the cache holds at most 256 MiB)."""
+    projector = box_basis(size, under) @ box_pinv(size, under)
+    projector.setflags(write=False)
+    return projector
 
 
 def _spatial_projector(kernel: tuple[int, ...], under: tuple[int, ...]) -> np.ndarray:
@@ -299,19 +301,27 @@ def folded_sums(weight3: np.ndarray, period: int) -> np.ndarray:
 
     One pass over the weight (``O(O C S)``), no copy of it: on the filters flattened
     to ``C S`` entries, the channels ``[b L, (b+1) L)`` are the contiguous entries
-    ``[b L S, (b+1) L S)``."""
+    ``[b L S, (b+1) L S)``, so the whole periods are one reshaped sum."""
     out, channels, spatial = weight3.shape
     flat = weight3.reshape(out, channels * spatial)
     width = period * spatial
-    sums = np.zeros((out, width))
-    for start in range(0, flat.shape[1], width):
-        block = flat[:, start:start + width]
-        sums[:, :block.shape[1]] += block
+    whole, left = divmod(flat.shape[1], width)
+    sums = flat[:, :whole * width].reshape(out, whole, width).sum(axis=1, dtype=np.float64)
+    if left:
+        sums[:, :left] += flat[:, whole * width:]
     return sums.reshape(out, period, spatial)
 
 
-def complement_fit(weight3: np.ndarray, under: int,
-                   scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _inverse_counts(channels: int, period: int) -> np.ndarray:
+    """``1 / m_k``: ``m_k`` the number of channel indices ``i < channels`` with
+    ``i = k mod period``."""
+    whole, left = divmod(channels, period)
+    inverse = np.full(period, 1.0 / whole)
+    inverse[:left] = 1.0 / (whole + 1)
+    return inverse
+
+
+def complement_fit(weight3: np.ndarray, under: int) -> tuple[np.ndarray, np.ndarray]:
     """The projection of each channel column of ``weight3`` ``(O, C, S)`` on the orthogonal
     complement of the range of ``A(C, under)``, in folded form: ``(sums, periodic)``, both
     ``(O, L, S)`` with ``L = C - under + 1``.
@@ -326,16 +336,12 @@ def complement_fit(weight3: np.ndarray, under: int,
     Its energy is ``sum_k p_k s_k``.  ``O(O C S)`` in all, where a dense
     pseudo-inverse of ``A`` costs ``O(under^2 C)`` to build and ``O(under C O S)`` to
     apply (issue 16: 54 s at C = 4096).  The sums are taken in float64 whatever the
-    weight's dtype, then multiplied by ``scale`` (a power of two: exact).
+    weight's dtype.
     """
     out, channels, spatial = weight3.shape
     period = channels - under + 1
     sums = folded_sums(weight3, period)
-    if scale != 1.0:
-        sums *= scale
-    whole, left = divmod(channels, period)
-    inverse = np.full(period, 1.0 / whole)
-    inverse[:left] = 1.0 / (whole + 1)
+    inverse = _inverse_counts(channels, period)
     # on (O, L S) rows, entry k S + s: long inner loops, also for S = 1
     flat = sums.reshape(out, period * spatial)
     spread = np.repeat(inverse, spatial)
@@ -344,25 +350,47 @@ def complement_fit(weight3: np.ndarray, under: int,
     return sums, periodic.reshape(out, period, spatial)
 
 
-def _channel_gram(weight3: np.ndarray, under: int, full_gram: np.ndarray,
-                  scale: float = 1.0) -> np.ndarray:
-    """Spatial Gram matrix of the weight projected on the channel structure ``under``.
+def complement_gram(weight3: np.ndarray, under: int) -> np.ndarray:
+    """``sum_o sum_k s_ok p_ok^T`` of :func:`complement_fit` (``S x S``), without the
+    projection itself: ``sum_k m_k^-1 s_k s_k^T - t t^T / sum_k m_k^-1`` per filter,
+    ``t = sum_k m_k^-1 s_k`` (fewer passes over the folded sums; exact structures
+    cancel to rounding of the weight's energy, as :func:`_residual` reads them)."""
+    period = weight3.shape[1] - under + 1
+    sums = folded_sums(weight3, period)
+    inverse = _inverse_counts(weight3.shape[1], period)
+    weighted = sums * np.sqrt(inverse)[None, :, None]
+    totals = np.einsum("oks,k->os", sums, inverse)
+    return (np.tensordot(weighted, weighted, axes=([0, 1], [0, 1]))
+            - totals.T @ totals / inverse.sum())
+
+
+#: Weight elements an exact channel check folds at once (2 MiB in float64): a block
+#: stays in cache while every candidate's fold reads it.
+CHECK_BLOCK_ELEMENTS = 2**18
+
+
+def _channel_grams(weight3: np.ndarray, unders: list[int], full_gram: np.ndarray,
+                   shift: int = 0) -> dict[int, np.ndarray]:
+    """Spatial Gram matrices of the weight projected on each channel structure of
+    ``unders``, in one pass over the weight.
 
     ``weight3`` is ``W`` as ``(O, C, S)`` with the spatial axes flattened (any float
-    dtype: read in float64 a block of filters at a time, times ``scale``), ``full_gram``
-    its plain spatial Gram ``sum_(o,c) w_oc w_oc^T``.  For any spatial projector
-    ``P_S`` the joint projection has energy ``||(A A^+ (x) P_S) W||^2 = trace(P_S H)``
-    with ``H = sum_o W_o^T A A^+ W_o`` = the full Gram less the Gram of the projection
-    on the complement of ``A``'s range (:func:`complement_fit`:
-    ``sum_o sum_k s_ok p_ok^T``).
+    dtype: read in float64 a small block of filters at a time, times ``2^shift``), and
+    ``full_gram`` its plain spatial Gram ``sum_(o,c) w_oc w_oc^T`` (of the shifted
+    weight).  For any spatial projector ``P_S`` the joint projection has energy
+    ``||(A A^+ (x) P_S) W||^2 = trace(P_S H)`` with ``H = sum_o W_o^T A A^+ W_o`` =
+    the full Gram less the Gram of the projection on the complement of ``A``'s range
+    (:func:`complement_fit`: ``sum_o sum_k s_ok p_ok^T``).  Each block is read once
+    and folded for every size while in cache (issue 16: reuse across candidates).
     """
-    if under == weight3.shape[1]:
-        return full_gram
-    complement = np.zeros_like(full_gram)
-    for start, stop in _filter_ranges(weight3):  # folded as stored, in float64, then scaled
-        sums, periodic = complement_fit(weight3[start:stop], under, scale)
-        complement += np.tensordot(sums, periodic, axes=([0, 1], [0, 1]))
-    return full_gram - complement
+    channels = weight3.shape[1]
+    complements = {under: np.zeros_like(full_gram) for under in unders if under != channels}
+    if complements:
+        for block in filter_blocks(weight3, shift, CHECK_BLOCK_ELEMENTS):
+            for under, complement in complements.items():
+                complement += complement_gram(block, under)
+    return {under: full_gram - complements[under] if under in complements else full_gram
+            for under in unders}
 
 
 def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
@@ -379,15 +407,15 @@ def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
     return math.sqrt(max(0.0, left))
 
 
-def _sketch(weight: np.ndarray, seed: int, scale: float = 1.0) -> tuple[np.ndarray, bool]:
+def _sketch(weight: np.ndarray, seed: int, shift: int = 0) -> tuple[np.ndarray, bool]:
     """The channel-major matrix ``(C, rest)`` of ``weight``, right-multiplied by a
     Gaussian ``(rest, SKETCH_COLUMNS)`` sketch when wider than that."""
     weight3 = np.reshape(weight, (weight.shape[0], weight.shape[1], -1))
     sketcher = _Sketcher(weight3.shape, seed)
     if sketcher.gauss is None:
-        return np.moveaxis(weight3.astype(np.float64) * scale, 1, 0).reshape(
+        return np.moveaxis(np.ldexp(weight3, shift, dtype=np.float64), 1, 0).reshape(
             weight3.shape[1], -1), False
-    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, scale)):
+    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, shift)):
         sketcher.add(block, start, stop)
     return sketcher.result(), True
 
@@ -412,7 +440,7 @@ class _Sketcher:
 
 
 def channel_lower_bounds(weight: np.ndarray, seed: int = 0,
-                         scale: float = 1.0) -> tuple[np.ndarray, bool]:
+                         shift: int = 0) -> tuple[np.ndarray, bool]:
     """Cheap lower bounds on the channel-axis residual for every ``c``.
 
     ``v`` (length ``C``) lies in the range of ``A(C, c)`` exactly when its
@@ -427,13 +455,13 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0,
 
     Large weights are sketched to :data:`SKETCH_COLUMNS` random columns first
     (:func:`_sketch`: the channel structure survives right-multiplication); the
-    bound is then an estimate, flagged by the second return value.  ``scale``
-    multiplies the weight as it is read (a power of two, :func:`power_of_two_scale`:
-    a weight of 1e300 would overflow its squares).
+    bound is then an estimate, flagged by the second return value.  The weight is
+    read times ``2^shift`` (:func:`power_of_two_shift`: a weight of 1e300 would
+    overflow its squares).
 
     Returns ``(bounds, sketched)`` with ``bounds[c - 1]`` for ``c = 1..C``.
     """
-    matrix, sketched = _sketch(weight, seed, scale)
+    matrix, sketched = _sketch(weight, seed, shift)
     return _screen_bounds(matrix), sketched
 
 
@@ -495,16 +523,6 @@ def _screen_bounds(matrix: np.ndarray) -> np.ndarray:
     return bounds
 
 
-def _sketch_residual(matrix: np.ndarray, under: int) -> float:
-    """The relative channel residual at ``under`` of the channel-major ``matrix``
-    ``(C, columns)`` (a sketch: exact on it, an estimate of the weight's)."""
-    norm_sq = float(np.sum(matrix * matrix))
-    if norm_sq == 0.0:
-        return 0.0
-    sums, periodic = complement_fit(matrix.T[:, :, None], under)
-    return math.sqrt(min(1.0, max(0.0, float(np.sum(sums * periodic)) / norm_sq)))
-
-
 #: The smallest tolerance that makes sense for weights stored in a dtype:
 #: twice its unit roundoff, since rounding alone moves a structured weight
 #: about ``u / sqrt(3)`` (relative, Frobenius) off its structure.
@@ -555,16 +573,17 @@ class Structure:
         return f"c={self.channels} n={'x'.join(map(str, self.kernel))}"
 
 
-def _feasible_channels(weight3: np.ndarray, scale: float, tol: float) -> dict[int, np.ndarray]:
+def _feasible_channels(weight3: np.ndarray, shift: int, tol: float) -> dict[int, np.ndarray]:
     """The smallest channel sizes ``c`` within ``tol`` on the channel axis alone, with their
-    spatial Gram matrices (:func:`_channel_gram`); ``C`` itself always included, with the
+    spatial Gram matrices (:func:`_channel_grams`); ``C`` itself always included, with the
     plain Gram.  ``weight3`` ``(O, C, S)`` is read a block of filters at a time, times
-    ``scale``."""
+    ``2^shift``: one pass for the Gram and the sketch, one for the exact checks of the
+    (at most :data:`MAX_EXACT_CHANNEL_CHECKS`) sizes the screen lets through."""
     channels, spatial = weight3.shape[1], weight3.shape[2]
     full_gram = np.zeros((spatial, spatial))
     sketcher = _Sketcher(weight3.shape, 0) if channels > 1 else None
     sketched = sketcher is not None and sketcher.gauss is not None
-    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, scale)):
+    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, shift)):
         flat = block.reshape(-1, spatial)  # one pass over the weight for both
         full_gram += flat.T @ flat
         if sketched:
@@ -573,20 +592,16 @@ def _feasible_channels(weight3: np.ndarray, scale: float, tol: float) -> dict[in
     if channels == 1:
         return grams
     norm_sq = float(np.trace(full_gram))
-    matrix = sketcher.result() if sketched else _sketch(weight3, 0, scale)[0]
+    matrix = sketcher.result() if sketched else _sketch(weight3, 0, shift)[0]
     slack = SKETCH_SLACK if sketched else 1.0
+    screened = [int(under) for under in np.flatnonzero(_screen_bounds(matrix)[:-1] <= tol * slack) + 1]
+    checked = _channel_grams(weight3, screened[:MAX_EXACT_CHANNEL_CHECKS], full_gram, shift)
     identity = np.eye(spatial)
-    found = 0
-    # the bounds, then each survivor's exact residual on the sketch, before the weight's
-    candidates = [under for under in np.flatnonzero(_screen_bounds(matrix)[:-1] <= tol * slack) + 1
-                  if _sketch_residual(matrix, int(under)) <= tol * slack]
-    for checks, under in enumerate(candidates, start=1):
-        gram = _channel_gram(weight3, int(under), full_gram, scale)
+    for under, gram in checked.items():  # the smallest two within tol
         if _residual(gram, identity, norm_sq) <= tol:
-            grams[int(under)] = gram
-            found += 1
-        if found >= 2 or checks >= MAX_EXACT_CHANNEL_CHECKS:
-            break
+            grams[under] = gram
+            if len(grams) > 2:
+                break
     return grams
 
 
@@ -659,12 +674,14 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
     list is never empty.  The single-axis residual is a lower bound of the
     joint one (the joint subspace lies inside each single-axis subspace), so
     each axis is screened alone first; the channel axis by the cheap bounds
-    of :func:`channel_lower_bounds`, then exactly.  Joint residuals come from
-    one small spatial Gram matrix per surviving channel size
-    (:func:`_channel_gram`): no combination touches the full weight again.
+    of :func:`channel_lower_bounds` (on a sketch), then exactly, every
+    survivor in one pass (:func:`_channel_grams`).  Joint residuals come from
+    one small spatial Gram matrix per surviving channel size: no combination
+    touches the full weight again.  The weight is never copied whole: it is read
+    a block of filters at a time (:func:`filter_blocks`).
     The subspaces for different ``n`` are not nested; every size is tried.
 
-    ``ValueError`` for a weight holding NaN or Inf (:func:`power_of_two_scale`) or one
+    ``ValueError`` for a weight holding NaN or Inf (:func:`power_of_two_shift`) or one
     :func:`search_problem` refuses.
     """
     problem = search_problem(np.shape(weight))
@@ -673,7 +690,7 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
     weight = np.asarray(weight)
     kernel = tuple(weight.shape[2:])
     weight3 = weight.reshape(weight.shape[0], weight.shape[1], -1)  # a view: no copy
-    grams = _feasible_channels(weight3, power_of_two_scale(weight3), tol)
+    grams = _feasible_channels(weight3, power_of_two_shift(weight3), tol)
     full_gram = grams[weight.shape[1]]
     norm_sq = float(np.trace(full_gram))
     per_axis: list[list[int]] = [sorted(grams)]

@@ -73,9 +73,12 @@ def test_residual_is_relative_and_zero_weight_is_structured():
     assert S.relative_residual(np.zeros((2, 3, 3)), (1, 1)) == 0.0
 
 
-@given(channels=st.integers(2, 14), columns=st.integers(1, S.SKETCH_COLUMNS), seed=st.integers(0, 1000))
+@given(channels=st.one_of(st.integers(2, 14), st.integers(60, 140)),
+       columns=st.integers(1, S.SKETCH_COLUMNS), seed=st.integers(0, 1000))
 @settings(max_examples=60, deadline=None)
 def test_channel_screen_is_a_lower_bound_of_the_exact_residual(channels, columns, seed):
+    """Unsketched, the bounds are below the exact residual: also past one block of the
+    phase products (:data:`PHASE_ROWS` = 64 rows), whole or not."""
     weight = np.random.default_rng(seed).standard_normal((columns, channels, 1))
     bounds, sketched = S.channel_lower_bounds(weight)
     assert not sketched
@@ -139,7 +142,7 @@ def _dense_channel_gram(weight3: np.ndarray, under: int) -> np.ndarray:
        spatial=st.integers(1, 5), fraction=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
 def test_fast_channel_solve_and_gram_match_the_dense_pseudo_inverse(channels, out, spatial,
                                                                     fraction, seed):
-    """``box_solve``, ``box_sum`` and ``_channel_gram`` (folded and running sums, O(size))
+    """``box_solve``, ``box_sum`` and ``_channel_grams`` (folded and running sums, O(size))
     agree with the dense ``box_pinv`` and ``box_basis`` to 1e-10 relative on random weights, every c from 1 to C (prime C,
     C = 1, c = 1, c = C among them)."""
     under = 1 + round(fraction * (channels - 1))
@@ -151,7 +154,7 @@ def test_fast_channel_solve_and_gram_match_the_dense_pseudo_inverse(channels, ou
     assert np.allclose(S.box_sum(weight3[:, :under], channels), expanded, rtol=0, atol=1e-10 * max(
         np.abs(expanded).max(), 1e-300))
     full = weight3.reshape(-1, spatial).T @ weight3.reshape(-1, spatial)
-    gram = S._channel_gram(weight3, under, full)
+    gram = S._channel_grams(weight3, [under], full)[under]
     assert np.abs(gram - _dense_channel_gram(weight3, under)).max() <= 1e-10 * np.abs(full).max()
 
 
@@ -162,3 +165,14 @@ def test_fit_alpha_of_a_wide_structured_layer_is_exact():
     weight = alpha @ S.box_basis(1024, 300).T
     assert np.allclose(S.fit_alpha(weight, (300,)), alpha, atol=1e-10)
     assert S.relative_residual(weight, (300,)) < 1e-12
+
+
+def test_extreme_and_subnormal_weights_keep_their_channel_structures():
+    """Folded sums of a weight near the largest double would overflow unscaled, and a
+    subnormal one's scale is above the largest double: both searched exactly."""
+    rng = np.random.default_rng(2)
+    weight = S.expand(rng.standard_normal((6, 5, 3)), (6, 8, 3))
+    weight /= np.abs(weight).max()
+    for magnitude in (1.5e308, 1e-310):
+        found = {structure.sizes for structure in S.search(weight * magnitude, 1e-6)}
+        assert (5, 3) in found, magnitude

@@ -317,7 +317,8 @@ def lowering_options(site: ConvSite, structure: Structure) -> list[Lowering]:
             spatial.insert(0, "avgpool")
         if pool_after_ok(site, structure):
             spatial.append(AFTER)
-    return [Lowering(c, s) for c in channel for s in spatial if not (c and s == AFTER)]
+    # (a pool after the conv needs c = C: never with a channel pool, pool_after_ok)
+    return [Lowering(c, s) for c in channel for s in spatial]
 
 
 def _avgpool_ok(site: ConvSite) -> bool:
@@ -404,9 +405,11 @@ def candidate(site: ConvSite, structure: Structure, lowering: Lowering, family: 
     if lowered.spatial is not None:
         step = lowered.spatial
         after = step.method == AFTER
-        op = step.op(1.0 if after else geom.pooled_positions(step.window))
-        if after:
+        if after:  # it reads the small conv's wider output, writes the layer's
             small_positions = geom.unpooled_positions(step.window)
+            op = step.op(1.0, reads=small_positions)
+        else:
+            op = step.op(geom.pooled_positions(step.window))
         parts.append(Part("spatial pool", count(step.constant_shapes()), (op,), geom.positions,
                           lowered.keys.get("spatial pool")))
         depth += step.depth

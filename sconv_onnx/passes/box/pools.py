@@ -179,10 +179,11 @@ class SpatialPool:
         """An ``AveragePool`` (alpha carries the window's area), not a sum."""
         return self.method in ("avgpool", AFTER)
 
-    def op(self, positions: float) -> cost.OpCost:
-        """Per output position of the layer, the pool writing ``positions`` positions."""
+    def op(self, positions: float, reads: float | None = None) -> cost.OpCost:
+        """Per output position of the layer, the pool writing ``positions`` positions
+        (reading ``reads``, default as many)."""
         return cost.pool_op(self.channels, self.window, positions,
-                            "AveragePool" if self.averages else "Conv")
+                            "AveragePool" if self.averages else "Conv", reads)
 
     @property
     def depth(self) -> int:

@@ -68,8 +68,9 @@ SOLVE_FLOPS = 3
 SCREEN_PASSES = 4
 #: Exact channel checks :func:`search_flops` counts: a structured weight passes the
 #: screen at its own size and a few more (a 1000 x 2048 weight structured at 1024: 2
-#: checks, at 1024 and 1844); twice that for margin.  At most
-#: :data:`MAX_EXACT_CHANNEL_CHECKS` run.
+#: sizes, 1024 and 1844; VGG's 4096 x 25088 at 12544: 11 sizes, all folded in one
+#: pass, :func:`_channel_grams`).  At most :data:`MAX_EXACT_CHANNEL_CHECKS` run; the
+#: estimate bounds a run, it does not predict one.
 EXPECTED_CHANNEL_CHECKS = 4
 #: Largest :func:`search_flops` the search takes.  On the 2-core test machine (busy),
 #: the slowest searches ran at 2.5e10 to 4e10 estimated flops per second (1-D kernels

@@ -99,6 +99,12 @@ def _families(layers: list[dict]) -> list[str]:
     return list(dict.fromkeys(filter(None, map(_rewritten_by, layers))))
 
 
+def _shown(families: list[str], layers: list[dict]) -> list[str]:
+    """The ``families`` that rewrote one of ``layers`` (a plot's legend entries)."""
+    used = set(map(_rewritten_by, layers))
+    return [name for name in families if name in used]
+
+
 def _legend_for(axes, shown: list[str], families: list[str],
                 extra: list[tuple[str, str]] = ()) -> None:
     from matplotlib.patches import Patch
@@ -138,8 +144,8 @@ def _paired_bars(layers: list[dict], before_key: str, after_key: str, xlabel: st
     axes.set_xlabel(xlabel)
     axes.set_title(title, fontsize=10)
     axes.grid(axis="x", alpha=0.3)
-    shown = [name for name in families if any(_rewritten_by(layer) == name for layer in rows)]
-    _legend_for(axes, shown, families, [("before (upper bar); kept layers", BEFORE_COLOUR)])
+    _legend_for(axes, _shown(families, rows), families,
+                [("before (upper bar); kept layers", BEFORE_COLOUR)])
     return figure
 
 
@@ -204,9 +210,8 @@ def residual_figure(layers: list[dict], tol: float, families: list[str]):
     from matplotlib.lines import Line2D
 
     handles, _ = axes.get_legend_handles_labels()
-    shown = [name for name in families if any(_rewritten_by(layer) == name for layer in layers)]
     handles += [Line2D([], [], marker="o", linestyle="", color=family_colour(name, families),
-                       label=f"{name} (rewritten)") for name in shown]
+                       label=f"{name} (rewritten)") for name in _shown(families, layers)]
     axes.legend(handles=handles, fontsize=8, loc="lower right")
     return figure
 

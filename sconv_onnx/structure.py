@@ -227,12 +227,7 @@ def scaled(weight: np.ndarray) -> np.ndarray:
     holds NaN or Inf: no structure fits it, and its residuals would be NaN.
     """
     weight = np.asarray(weight, dtype=np.float64)
-    if not is_finite(weight):
-        raise ValueError("weight holds NaN or Inf: it has no structure")
-    largest = float(np.max(np.abs(weight), initial=0.0))
-    if largest == 0.0:
-        return weight
-    return np.ldexp(weight, -math.frexp(largest)[1])
+    return np.ldexp(weight, power_of_two_shift(weight))
 
 
 #: Weight elements :func:`filter_blocks` converts to float64 at once (32 MiB): what the
@@ -262,10 +257,10 @@ def _filter_ranges(weight3: np.ndarray, elements: int = BLOCK_ELEMENTS) -> list[
 
 
 def filter_blocks(weight3: np.ndarray, shift: int = 0, elements: int = BLOCK_ELEMENTS):
-    """``weight3`` ``(O, C, S)`` in float64 times ``2^shift`` (exact), a block of at most
-    ``elements`` elements (whole filters) at a time."""
+    """``(start, stop, block)``: filters ``start:stop`` of ``weight3`` ``(O, C, S)`` in
+    float64 times ``2^shift`` (exact), at most ``elements`` elements at a time."""
     for start, stop in _filter_ranges(weight3, elements):
-        yield np.ldexp(weight3[start:stop], shift, dtype=np.float64)  # one pass
+        yield start, stop, np.ldexp(weight3[start:stop], shift, dtype=np.float64)  # one pass
 
 
 def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
@@ -387,7 +382,7 @@ def _channel_grams(weight3: np.ndarray, unders: list[int], full_gram: np.ndarray
     channels = weight3.shape[1]
     complements = {under: np.zeros_like(full_gram) for under in unders if under != channels}
     if complements:
-        for block in filter_blocks(weight3, shift, CHECK_BLOCK_ELEMENTS):
+        for _, _, block in filter_blocks(weight3, shift, CHECK_BLOCK_ELEMENTS):
             for under, complement in complements.items():
                 complement += complement_gram(block, under)
     return {under: full_gram - complements[under] if under in complements else full_gram
@@ -416,7 +411,7 @@ def _sketch(weight: np.ndarray, seed: int, shift: int = 0) -> tuple[np.ndarray, 
     if sketcher.gauss is None:
         return np.moveaxis(np.ldexp(weight3, shift, dtype=np.float64), 1, 0).reshape(
             weight3.shape[1], -1), False
-    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, shift)):
+    for start, stop, block in filter_blocks(weight3, shift):
         sketcher.add(block, start, stop)
     return sketcher.result(), True
 
@@ -584,7 +579,7 @@ def _feasible_channels(weight3: np.ndarray, shift: int, tol: float) -> dict[int,
     full_gram = np.zeros((spatial, spatial))
     sketcher = _Sketcher(weight3.shape, 0) if channels > 1 else None
     sketched = sketcher is not None and sketcher.gauss is not None
-    for (start, stop), block in zip(_filter_ranges(weight3), filter_blocks(weight3, shift)):
+    for start, stop, block in filter_blocks(weight3, shift):
         flat = block.reshape(-1, spatial)  # one pass over the weight for both
         full_gram += flat.T @ flat
         if sketched:

@@ -63,13 +63,13 @@ ELEMENTWISE_FLOPS = 50
 #: 3 times slower than large products (every ``n`` of a 1-D kernel of 400: 4e10 flops
 #: in 3.1 s).
 SOLVE_FLOPS = 3
-#: Elementwise passes per length and block of the channel screen's rotations
-#: (:func:`_phase_products`): the phase, cos, sin and the complex product.
+#: Elementwise passes per length and ``sqrt(C)`` rows of the channel screen's tables
+#: (:func:`_phase_products`): the phases, their cos and sin, the rotations.
 SCREEN_PASSES = 4
 #: Exact channel checks :func:`search_flops` counts: a structured weight passes the
 #: screen at its own size and a few more (a 1000 x 2048 weight structured at 1024: 2
-#: sizes, 1024 and 1844; VGG's 4096 x 25088 at 12544: 11 sizes, all folded in one
-#: pass, :func:`_channel_grams`).  At most :data:`MAX_EXACT_CHANNEL_CHECKS` run; the
+#: sizes, 1024 and 1844; VGG's 4096 x 25088 at 12544: 16 sizes, all folded in one
+#: pass, where 14 drop out within a few blocks, :func:`_channel_grams`).  At most :data:`MAX_EXACT_CHANNEL_CHECKS` run; the
 #: estimate bounds a run, it does not predict one.
 EXPECTED_CHANNEL_CHECKS = 4
 #: Largest :func:`search_flops` the search takes.  On the 2-core test machine (busy),
@@ -144,11 +144,11 @@ def fit_alpha(weight: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
 
     Returns ``alpha`` of shape ``(O, *sizes)`` in float64.
     """
-    alpha = np.asarray(weight, dtype=np.float64)
+    alpha = np.asarray(weight)  # converted by box_solve, a block of filters at a time
     for axis, under in enumerate(sizes, start=1):
         if under != alpha.shape[axis]:
             alpha = np.moveaxis(box_solve(np.moveaxis(alpha, axis, 1), under), 1, axis)
-    return alpha
+    return np.asarray(alpha, dtype=np.float64)
 
 
 def box_solve(tensor: np.ndarray, under: int) -> np.ndarray:
@@ -158,24 +158,41 @@ def box_solve(tensor: np.ndarray, under: int) -> np.ndarray:
     :func:`complement_fit`; then ``v = A a`` is solved exactly: ``v_i`` sums ``a`` over
     ``i - L < j <= i`` (``L = C - under + 1``), so ``a_i - a_(i-L) = v_i - v_(i-1)``,
     and ``a`` is the running sum, every ``L`` entries, of those differences.  Equal to
-    ``box_pinv(C, under) @ w`` (tests/test_structure.py checks both to 1e-10).
+    ``box_pinv(C, under) @ w`` (tests/test_structure.py checks both to 1e-10).  Rows are
+    independent: they are solved :data:`BLOCK_ELEMENTS` at a time, so that the float64
+    temporaries stay small beside a wide layer (8192 x 8192: 32 MiB, not 4 copies of
+    512 MiB).
     """
-    tensor = np.asarray(tensor, dtype=np.float64)
+    tensor = np.asarray(tensor)
     shape = tensor.shape
     weight3 = tensor.reshape(shape[0], shape[1], -1)
-    channels = shape[1]
+    alpha = np.empty((shape[0], under, weight3.shape[2]))
+    for start, stop in _filter_ranges(weight3):
+        alpha[start:stop] = _solved_rows(np.asarray(weight3[start:stop], dtype=np.float64), under)
+    return alpha.reshape((shape[0], under) + shape[2:])
+
+
+def _solved_rows(weight3: np.ndarray, under: int) -> np.ndarray:
+    """:func:`box_solve` of ``weight3`` ``(o, C, S)`` in float64, whole; on rows of ``C S``
+    entries (channel ``i`` at ``[i S, (i+1) S)``), so that numpy's loops run along the
+    rows, not along an axis of length ``S`` (1 for a fully connected layer)."""
+    rows, channels, spatial = weight3.shape
     period = channels - under + 1
-    _, periodic = complement_fit(weight3, under)
-    # v = w - u, u_i = p_(i mod L): only its first ``under`` entries are needed
-    rows = np.arange(under)
-    fitted = weight3[:, :under] - periodic[:, rows % period]
-    steps = np.diff(fitted, axis=1, prepend=0.0)
+    width, used = period * spatial, under * spatial
     blocks = -(-under // period)
-    padded = np.zeros((shape[0], blocks * period, weight3.shape[2]))
-    padded[:, :under] = steps
-    alpha = np.cumsum(padded.reshape(shape[0], blocks, period, -1), axis=1)
-    return alpha.reshape(shape[0], blocks * period, -1)[:, :under].reshape(
-        (shape[0], under) + shape[2:])
+    _, periodic = complement_fit(weight3, under)
+    # v = w - u on the first ``under`` channels, u_i = p_(i mod L)
+    fitted = np.zeros((rows, blocks * width))
+    np.subtract(weight3.reshape(rows, -1)[:, :used],
+                np.tile(periodic.reshape(rows, width), (1, blocks))[:, :used], out=fitted[:, :used])
+    # a_i - a_(i-L) = v_i - v_(i-1), then running sums every L channels; the entries past
+    # ``under`` only reach alpha past ``under``, cut off
+    steps = np.empty_like(fitted)
+    steps[:, :spatial] = fitted[:, :spatial]
+    np.subtract(fitted[:, spatial:], fitted[:, :-spatial], out=steps[:, spatial:])
+    alpha = (np.cumsum(steps.reshape(rows, blocks, width), axis=1).reshape(rows, -1)
+             if blocks > 1 else steps)
+    return alpha[:, :used].reshape(rows, under, spatial)
 
 
 def expand(alpha: np.ndarray, full_shape: tuple[int, ...]) -> np.ndarray:
@@ -258,9 +275,37 @@ def _filter_ranges(weight3: np.ndarray, elements: int = BLOCK_ELEMENTS) -> list[
 
 def filter_blocks(weight3: np.ndarray, shift: int = 0, elements: int = BLOCK_ELEMENTS):
     """``(start, stop, block)``: filters ``start:stop`` of ``weight3`` ``(O, C, S)`` in
-    float64 times ``2^shift`` (exact), at most ``elements`` elements at a time."""
-    for start, stop in _filter_ranges(weight3, elements):
-        yield start, stop, np.ldexp(weight3[start:stop], shift, dtype=np.float64)  # one pass
+    float64 times ``2^shift`` (exact), at most ``elements`` elements at a time.  Every block
+    is written into one buffer: a block is valid until the next is asked for (a fresh
+    buffer per block cost a page fault per 4 KiB, as much as the conversion itself)."""
+    ranges = _filter_ranges(weight3, elements)
+    buffer = np.empty((ranges[0][1],) + weight3.shape[1:]) if ranges else None
+    for start, stop in ranges:
+        block = buffer[:stop - start]
+        np.ldexp(weight3[start:stop], shift, out=block, dtype=np.float64)  # one pass
+        yield start, stop, block
+
+
+#: Side of the square tiles :func:`filter_major` copies by.
+TILE = 256
+
+
+def filter_major(weight3: np.ndarray) -> np.ndarray:
+    """``weight3`` ``(O, C, S)``, or a copy with each filter contiguous when its filters are
+    adjacent in memory (a MatMul's stored ``(in, out)`` weight read as ``(out, in)``).
+
+    Reading such a weight a block of filters at a time takes one element per 4 KiB or
+    more: 8.5 ns per element on the 2-core machine, against 0.9 for a contiguous block.
+    The copy goes by square tiles that stay in cache (3 ns per element) and is made once
+    per search; it holds the weight's size again, in its dtype."""
+    if weight3.shape[2] != 1 or weight3.flags.c_contiguous or weight3.strides[0] >= weight3.strides[1]:
+        return weight3
+    source, (out, channels) = weight3[:, :, 0], weight3.shape[:2]
+    copy = np.empty((out, channels), dtype=weight3.dtype)
+    for first in range(0, out, TILE):
+        for start in range(0, channels, TILE):
+            copy[first:first + TILE, start:start + TILE] = source[first:first + TILE, start:start + TILE]
+    return copy.reshape(weight3.shape)
 
 
 def relative_residual(weight: np.ndarray, sizes: tuple[int, ...]) -> float:
@@ -302,7 +347,9 @@ def folded_sums(weight3: np.ndarray, period: int) -> np.ndarray:
     flat = weight3.reshape(out, channels * spatial)
     width = period * spatial
     whole, left = divmod(flat.shape[1], width)
-    sums = flat[:, :whole * width].reshape(out, whole, width).sum(axis=1, dtype=np.float64)
+    # a product with ones: numpy's sum over a middle axis runs 4-20 times slower when the
+    # period is short (0.3 against 1.6-9.5 ns per entry for L = 17..2)
+    sums = np.ones(whole) @ flat[:, :whole * width].reshape(out, whole, width)
     if left:
         sums[:, :left] += flat[:, whole * width:]
     return sums.reshape(out, period, spatial)
@@ -351,13 +398,44 @@ def complement_gram(weight3: np.ndarray, under: int) -> np.ndarray:
     projection itself: ``sum_k m_k^-1 s_k s_k^T - t t^T / sum_k m_k^-1`` per filter,
     ``t = sum_k m_k^-1 s_k`` (fewer passes over the folded sums; exact structures
     cancel to rounding of the weight's energy, as :func:`_residual` reads them)."""
-    period = weight3.shape[1] - under + 1
-    sums = folded_sums(weight3, period)
-    inverse = _inverse_counts(weight3.shape[1], period)
-    weighted = sums * np.sqrt(inverse)[None, :, None]
-    totals = np.einsum("oks,k->os", sums, inverse)
-    return (np.tensordot(weighted, weighted, axes=([0, 1], [0, 1]))
-            - totals.T @ totals / inverse.sum())
+    gram = _ComplementGram(weight3.shape, under, weight3.shape[0])
+    gram.add(np.asarray(weight3, dtype=np.float64))
+    return gram.gram
+
+
+class _ComplementGram:
+    """:func:`complement_gram` summed over blocks of at most ``filters`` filters of a
+    weight of ``shape`` ``(O, C, S)``, into buffers made once: the folded sums and their
+    weighted copy, ``(filters, L S)`` each (a fresh array per block cost a page fault per
+    4 KiB, several times the arithmetic)."""
+
+    def __init__(self, shape: tuple[int, int, int], under: int, filters: int):
+        _, self.channels, self.spatial = shape
+        self.period = self.channels - under + 1
+        inverse = _inverse_counts(self.channels, self.period)
+        self.inverse, self.inverse_sum = inverse, float(inverse.sum())
+        self.spread = np.repeat(np.sqrt(inverse), self.spatial)  # entry k S + s: 1 / sqrt(m_k)
+        self.sums = np.empty((filters, self.period * self.spatial))
+        self.ones = np.ones(self.channels // self.period)
+        self.weighted = np.empty_like(self.sums)
+        self.gram = np.zeros((self.spatial, self.spatial))
+
+    def add(self, block: np.ndarray) -> None:
+        """Add the filters of ``block`` (float64 ``(o, C, S)``, ``o <= filters``)."""
+        out = block.shape[0]
+        flat = block.reshape(out, -1)
+        width = self.sums.shape[1]
+        whole, left = divmod(flat.shape[1], width)
+        sums, weighted = self.sums[:out], self.weighted[:out]
+        # the channels [b L, (b+1) L) are the entries [b L S, (b+1) L S) (folded_sums)
+        np.matmul(self.ones[:whole], flat[:, :whole * width].reshape(out, whole, width), out=sums)
+        if left:
+            sums[:, :left] += flat[:, whole * width:]
+        totals = np.matmul(sums.reshape(out, self.period, self.spatial).transpose(0, 2, 1),
+                           self.inverse)  # (o, S)
+        np.multiply(sums, self.spread, out=weighted)
+        flat_weighted = weighted.reshape(-1, self.spatial)
+        self.gram += flat_weighted.T @ flat_weighted - totals.T @ totals / self.inverse_sum
 
 
 #: Weight elements an exact channel check folds at once (2 MiB in float64): a block
@@ -366,9 +444,10 @@ CHECK_BLOCK_ELEMENTS = 2**18
 
 
 def _channel_grams(weight3: np.ndarray, unders: list[int], full_gram: np.ndarray,
-                   shift: int = 0) -> dict[int, np.ndarray]:
+                   shift: int = 0, limit: float = math.inf) -> dict[int, np.ndarray]:
     """Spatial Gram matrices of the weight projected on each channel structure of
-    ``unders``, in one pass over the weight.
+    ``unders``, in one pass over the weight; a size whose complement energy passes
+    ``limit`` on the filters read so far is dropped there (not in the result).
 
     ``weight3`` is ``W`` as ``(O, C, S)`` with the spatial axes flattened (any float
     dtype: read in float64 a small block of filters at a time, times ``2^shift``), and
@@ -378,15 +457,26 @@ def _channel_grams(weight3: np.ndarray, unders: list[int], full_gram: np.ndarray
     the full Gram less the Gram of the projection on the complement of ``A``'s range
     (:func:`complement_fit`: ``sum_o sum_k s_ok p_ok^T``).  Each block is read once
     and folded for every size while in cache (issue 16: reuse across candidates).
+
+    The complement energy ``trace`` of that Gram is a sum of one nonnegative term per
+    filter, so its value on the filters read so far bounds the whole from below: a
+    size whose squared relative residual is above ``tol^2`` (``limit = tol^2 ||W||^2``)
+    is known to be after a few blocks, not a full pass (VGG's classifier shape: 14 of
+    16 screened sizes).
     """
     channels = weight3.shape[1]
-    complements = {under: np.zeros_like(full_gram) for under in unders if under != channels}
-    if complements:
-        for _, _, block in filter_blocks(weight3, shift, CHECK_BLOCK_ELEMENTS):
-            for under, complement in complements.items():
-                complement += complement_gram(block, under)
-    return {under: full_gram - complements[under] if under in complements else full_gram
-            for under in unders}
+    filters = _filter_ranges(weight3, CHECK_BLOCK_ELEMENTS)[0][1]
+    live = {under: _ComplementGram(weight3.shape, under, filters)
+            for under in unders if under != channels}
+    for _, _, block in filter_blocks(weight3, shift, CHECK_BLOCK_ELEMENTS) if live else ():
+        for under, complement in list(live.items()):
+            complement.add(block)
+            if np.trace(complement.gram) > limit:
+                del live[under]
+        if not live:
+            break
+    return {under: full_gram - live[under].gram if under in live else full_gram
+            for under in unders if under in live or under == channels}
 
 
 def _residual(gram: np.ndarray, projector: np.ndarray, norm_sq: float) -> float:
@@ -461,32 +551,44 @@ def channel_lower_bounds(weight: np.ndarray, seed: int = 0,
     return _screen_bounds(matrix), sketched
 
 
-#: Rows of the weight matrix each step of :func:`_phase_products` takes.
-PHASE_ROWS = 64
+#: Entries of the partial sums :func:`_phase_products` holds at once (32 MiB).
+PHASE_ENTRIES = 2**22
 
 
 def _phase_products(theta: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``cos(theta_l i) @ matrix`` and ``sin(theta_l i) @ matrix`` (``i`` over the rows of
     ``matrix``), ``(len(theta), columns)`` each, in float64.
 
-    By blocks of :data:`PHASE_ROWS` rows: ``sum_i e^(j theta i) m_i = sum_start
-    e^(j theta start) sum_(r < PHASE_ROWS) e^(j theta r) m_(start + r)``, so the
-    trigonometry is one ``(lengths, PHASE_ROWS)`` table and a rotation per block, and
-    the rest matrix products: ``O(lengths rows columns)`` flops in BLAS, no
-    ``lengths x rows`` phase matrix (268 MB at C = 8192, 2.5 GB at C = 25088)."""
+    The rows are cut into blocks of ``B = ceil(sqrt(rows))``, row ``i = b B + r``:
+    ``sum_i e^(j theta i) m_i = sum_b e^(j theta b B) sum_(r < B) e^(j theta r) m_(b B + r)``.
+    The inner sums, for every block at once, are one matrix product of a ``(lengths, B)``
+    trigonometric table with the rows regrouped as ``(B, blocks columns)``; the outer
+    sums rotate them, ``(lengths, blocks)`` factors.  So the trigonometry is ``O(lengths
+    sqrt(rows))``, the products ``O(lengths rows columns)`` flops in large BLAS calls,
+    and no ``lengths x rows`` phase matrix is formed (268 MB at C = 8192, 2.5 GB at
+    C = 25088); lengths are taken in groups so that the partial sums stay within
+    :data:`PHASE_ENTRIES`."""
     channels, columns = matrix.shape
-    step = min(channels, PHASE_ROWS)
-    local = theta[:, None] * np.arange(step)[None, :]
-    cos_local, sin_local = np.cos(local), np.sin(local)
-    real = np.zeros((len(theta), columns))
-    imag = np.zeros_like(real)
-    for start in range(0, channels, step):
-        part = matrix[start:start + step]
-        rows = part.shape[0]
-        part_cos, part_sin = cos_local[:, :rows] @ part, sin_local[:, :rows] @ part
-        turn_cos, turn_sin = np.cos(theta * start)[:, None], np.sin(theta * start)[:, None]
-        real += turn_cos * part_cos - turn_sin * part_sin
-        imag += turn_sin * part_cos + turn_cos * part_sin
+    step = max(1, math.isqrt(channels - 1) + 1)
+    blocks = -(-channels // step)
+    padded = np.zeros((blocks * step, columns))
+    padded[:channels] = matrix
+    # row r: entries r of every block, (B, blocks * columns)
+    regrouped = padded.reshape(blocks, step, columns).transpose(1, 0, 2).reshape(step, -1)
+    starts = np.arange(blocks) * float(step)
+    real = np.empty((len(theta), columns))
+    imag = np.empty_like(real)
+    group = max(1, PHASE_ENTRIES // (2 * blocks * columns))
+    for first in range(0, len(theta), group):
+        angles = theta[first:first + group]
+        local = np.outer(angles, np.arange(step))
+        inner = (np.concatenate([np.cos(local), np.sin(local)]) @ regrouped).reshape(
+            2, len(angles), blocks, columns)
+        turn = np.outer(angles, starts)
+        turn_cos, turn_sin = np.cos(turn)[:, None, :], np.sin(turn)[:, None, :]
+        inner_cos, inner_sin = inner[0], inner[1]  # (lengths, blocks, columns)
+        real[first:first + group] = (np.matmul(turn_cos, inner_cos) - np.matmul(turn_sin, inner_sin))[:, 0]
+        imag[first:first + group] = (np.matmul(turn_sin, inner_cos) + np.matmul(turn_cos, inner_sin))[:, 0]
     return real, imag
 
 
@@ -574,7 +676,8 @@ def _feasible_channels(weight3: np.ndarray, shift: int, tol: float) -> dict[int,
     spatial Gram matrices (:func:`_channel_grams`); ``C`` itself always included, with the
     plain Gram.  ``weight3`` ``(O, C, S)`` is read a block of filters at a time, times
     ``2^shift``: one pass for the Gram and the sketch, one for the exact checks of the
-    (at most :data:`MAX_EXACT_CHANNEL_CHECKS`) sizes the screen lets through."""
+    (at most :data:`MAX_EXACT_CHANNEL_CHECKS`) sizes the screen lets through, where a
+    size above ``tol`` drops out as soon as the filters read show it."""
     channels, spatial = weight3.shape[1], weight3.shape[2]
     full_gram = np.zeros((spatial, spatial))
     sketcher = _Sketcher(weight3.shape, 0) if channels > 1 else None
@@ -591,8 +694,11 @@ def _feasible_channels(weight3: np.ndarray, shift: int, tol: float) -> dict[int,
     matrix = sketcher.result() if sketched else _sketch(weight3, 0, shift)[0]
     slack = SKETCH_SLACK if sketched else 1.0
     screened = [int(under) for under in np.flatnonzero(_screen_bounds(matrix)[:-1] <= tol * slack) + 1]
-    checked = _channel_grams(weight3, screened[:MAX_EXACT_CHANNEL_CHECKS], full_gram, shift)
     identity = np.eye(spatial)
+    # a size above tol is dropped as soon as its energy off the structure shows it (the
+    # margin keeps any size whose full residual, rounded, is within tol)
+    limit = tol * tol * norm_sq * (1 + 1e-9) + 1e-15 * norm_sq
+    checked = _channel_grams(weight3, screened[:MAX_EXACT_CHANNEL_CHECKS], full_gram, shift, limit)
     for under, gram in checked.items():  # the smallest two within tol
         if _residual(gram, identity, norm_sq) <= tol:
             grams[under] = gram
@@ -616,7 +722,7 @@ def search_flops(shape: tuple[int, ...]) -> float:
     * the channel screen (``C > 1``): the sketch ``2 C R 8`` (when ``R > 8``), the
       phase products (two products with at most 8 columns per entry of the
       ``(C-1) x C`` phases) and :data:`SCREEN_PASSES` elementwise passes per length
-      and block of :data:`PHASE_ROWS` rows;
+      and ``sqrt(C)`` rows (:func:`_phase_products`' tables);
     * :data:`EXPECTED_CHANNEL_CHECKS` exact checks at ``c = C/2``: the folded sums, one
       elementwise pass over the weight, and the Gram of the complement ``2 L O S^2``
       (``L = C - c + 1``; :func:`complement_fit`);
@@ -636,7 +742,7 @@ def search_flops(shape: tuple[int, ...]) -> float:
         columns = min(rows, SKETCH_COLUMNS)
         flops += 2 * channels * rows * SKETCH_COLUMNS if rows > SKETCH_COLUMNS else 0
         flops += (channels - 1) * (channels * 4 * columns  # the blocked phase products
-                                   + SCREEN_PASSES * ELEMENTWISE_FLOPS * channels / PHASE_ROWS)
+                                   + SCREEN_PASSES * ELEMENTWISE_FLOPS * math.sqrt(channels))
         period = channels - max(1, channels // 2) + 1
         flops += min(EXPECTED_CHANNEL_CHECKS, channels - 1) * (
             ELEMENTWISE_FLOPS * channels * rows + 2 * period * out * spatial**2)
@@ -673,8 +779,9 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
     of :func:`channel_lower_bounds` (on a sketch), then exactly, every
     survivor in one pass (:func:`_channel_grams`).  Joint residuals come from
     one small spatial Gram matrix per surviving channel size: no combination
-    touches the full weight again.  The weight is never copied whole: it is read
-    a block of filters at a time (:func:`filter_blocks`).
+    touches the full weight again.  The weight is read a block of filters at a time
+    (:func:`filter_blocks`), in place unless its filters are adjacent in memory
+    (:func:`filter_major`: one copy in its dtype).
     The subspaces for different ``n`` are not nested; every size is tried.
 
     ``ValueError`` for a weight holding NaN or Inf (:func:`power_of_two_shift`) or one
@@ -685,7 +792,7 @@ def search(weight: np.ndarray, tol: float) -> list[Structure]:
         raise ValueError(problem)
     weight = np.asarray(weight)
     kernel = tuple(weight.shape[2:])
-    weight3 = weight.reshape(weight.shape[0], weight.shape[1], -1)  # a view: no copy
+    weight3 = filter_major(weight.reshape(weight.shape[0], weight.shape[1], -1))
     grams = _feasible_channels(weight3, power_of_two_shift(weight3), tol)
     full_gram = grams[weight.shape[1]]
     norm_sq = float(np.trace(full_gram))

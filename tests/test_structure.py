@@ -77,14 +77,30 @@ def test_residual_is_relative_and_zero_weight_is_structured():
        columns=st.integers(1, S.SKETCH_COLUMNS), seed=st.integers(0, 1000))
 @settings(max_examples=60, deadline=None)
 def test_channel_screen_is_a_lower_bound_of_the_exact_residual(channels, columns, seed):
-    """Unsketched, the bounds are below the exact residual: also past one block of the
-    phase products (:data:`PHASE_ROWS` = 64 rows), whole or not."""
+    """Unsketched, the bounds are below the exact residual: also for rows in several
+    blocks of the phase products (``sqrt(C)`` rows each), whole or not."""
     weight = np.random.default_rng(seed).standard_normal((columns, channels, 1))
     bounds, sketched = S.channel_lower_bounds(weight)
     assert not sketched
     for under in range(1, channels + 1):
         exact = S.relative_residual(weight, (under, 1))
         assert bounds[under - 1] <= exact + 1e-12
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 16, 17, 63, 64, 65, 257])
+@pytest.mark.parametrize("entries", [S.PHASE_ENTRIES, 64])
+def test_phase_products_equal_the_dense_sums(channels, entries, monkeypatch):
+    """The blocked, rotated sums equal ``cos(theta i) @ m`` and ``sin(theta i) @ m`` formed
+    densely: a square number of rows or not, one group of lengths or many."""
+    monkeypatch.setattr(S, "PHASE_ENTRIES", entries)
+    rng = np.random.default_rng(channels)
+    matrix = rng.standard_normal((channels, 3))
+    theta = 2 * np.pi / np.arange(2, channels + 2)
+    phases = np.outer(theta, np.arange(channels))
+    real, imag = S._phase_products(theta, matrix)
+    scale = np.abs(matrix).sum(axis=0).max()
+    assert np.abs(real - np.cos(phases) @ matrix).max() <= 1e-13 * scale
+    assert np.abs(imag - np.sin(phases) @ matrix).max() <= 1e-13 * scale
 
 
 @pytest.mark.parametrize("channels", [12, 600])
@@ -139,14 +155,28 @@ def _dense_channel_gram(weight3: np.ndarray, under: int) -> np.ndarray:
 
 @settings(max_examples=120, deadline=None)
 @given(channels=st.sampled_from([1, 2, 3, 7, 13, 31, 64, 97, 128]), out=st.integers(1, 4),
-       spatial=st.integers(1, 5), fraction=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+       spatial=st.integers(1, 5), fraction=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
+       block=st.sampled_from([None, 1, 300]), transposed=st.booleans())
 def test_fast_channel_solve_and_gram_match_the_dense_pseudo_inverse(channels, out, spatial,
-                                                                    fraction, seed):
+                                                                    fraction, seed, block,
+                                                                    transposed):
     """``box_solve``, ``box_sum`` and ``_channel_grams`` (folded and running sums, O(size))
-    agree with the dense ``box_pinv`` and ``box_basis`` to 1e-10 relative on random weights, every c from 1 to C (prime C,
-    C = 1, c = 1, c = C among them)."""
+    agree with the dense ``box_pinv`` and ``box_basis`` to 1e-10 relative on random weights,
+    every c from 1 to C (prime C, C = 1, c = 1, c = C among them); in one block of filters
+    or several (``block`` elements), read in place or with the filters adjacent in memory."""
     under = 1 + round(fraction * (channels - 1))
     weight3 = np.random.default_rng(seed).standard_normal((out, channels, spatial))
+    if transposed:
+        weight3 = np.asfortranarray(weight3)
+    with pytest.MonkeyPatch.context() as patch:
+        if block is not None:
+            patch.setattr(S, "BLOCK_ELEMENTS", block)
+            patch.setattr(S, "CHECK_BLOCK_ELEMENTS", block)
+        _assert_fast_paths_match(weight3, under)
+
+
+def _assert_fast_paths_match(weight3: np.ndarray, under: int) -> None:
+    channels, spatial = weight3.shape[1:]
     dense = np.einsum("uc,ocs->ous", S.box_pinv(channels, under), weight3)
     fast = S.box_solve(weight3, under)
     assert np.abs(fast - dense).max() <= 1e-10 * max(np.abs(dense).max(), 1e-300)
@@ -156,6 +186,45 @@ def test_fast_channel_solve_and_gram_match_the_dense_pseudo_inverse(channels, ou
     full = weight3.reshape(-1, spatial).T @ weight3.reshape(-1, spatial)
     gram = S._channel_grams(weight3, [under], full)[under]
     assert np.abs(gram - _dense_channel_gram(weight3, under)).max() <= 1e-10 * np.abs(full).max()
+
+
+@settings(max_examples=60, deadline=None)
+@given(channels=st.integers(8, 90), out=st.integers(1, 12), spatial=st.sampled_from([1, 4]),
+       noise=st.sampled_from([0.0, 3e-5, 1e-4, 3e-4]), seed=st.integers(0, 2**31 - 1))
+def test_sizes_dropped_early_are_exactly_those_above_tol(channels, out, spatial, noise, seed):
+    """The exact checks drop a size as soon as the filters read show its residual above
+    tol: the sizes kept, and their Gram matrices, are those the whole pass finds within
+    tol (blocks of one filter, so the drop can come at any filter)."""
+    rng = np.random.default_rng(seed)
+    under = int(rng.integers(1, channels))
+    weight3 = S.expand(rng.standard_normal((out, under, spatial)), (out, channels, spatial))
+    weight3 += noise * np.abs(weight3).max() * rng.standard_normal(weight3.shape)
+    full = weight3.reshape(-1, spatial).T @ weight3.reshape(-1, spatial)
+    norm_sq = float(np.trace(full))
+    tol = 1e-4
+    sizes = list(range(1, channels))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(S, "CHECK_BLOCK_ELEMENTS", channels * spatial)
+        whole = S._channel_grams(weight3, sizes, full)
+        kept = S._channel_grams(weight3, sizes, full, limit=tol * tol * norm_sq * (1 + 1e-9))
+    within = {size for size in sizes if S._residual(whole[size], np.eye(spatial), norm_sq) <= tol}
+    assert within <= set(kept)
+    for size in kept:
+        assert np.array_equal(kept[size], whole[size])
+        assert S._residual(whole[size], np.eye(spatial), norm_sq) <= tol * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("shape", [(300, 517), (256, 256), (1, 700), (700, 3)])
+def test_a_transposed_weight_is_searched_as_its_copy(shape):
+    """A weight whose filters are adjacent in memory (a MatMul's) is copied filter-major by
+    tiles: the copy is the weight, and the search finds the same structures."""
+    rng = np.random.default_rng(3)
+    under = max(1, shape[1] // 3)
+    weight = S.expand(rng.standard_normal((shape[0], under)), shape).astype(np.float32)
+    transposed = np.asfortranarray(weight)
+    copy = S.filter_major(transposed.reshape(shape + (1,)))
+    assert copy.flags.c_contiguous and np.array_equal(copy[:, :, 0], weight)
+    assert S.search(transposed, 1e-4) == S.search(weight, 1e-4)
 
 
 def test_fit_alpha_of_a_wide_structured_layer_is_exact():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import math
+import mmap
 import os
 import re
 import secrets
@@ -93,8 +94,10 @@ def tensor_nbytes(tensor: TensorProto) -> int:
 
 
 def _is_heavy(tensor: TensorProto) -> bool:
-    """Whether ``tensor`` holds raw data large enough to go to an external file."""
-    return tensor.HasField("raw_data") and tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES
+    """Whether ``tensor`` holds raw data large enough to go to an external file, or is
+    mapped (:func:`mapped_file`: its data is in the input's file)."""
+    return (tensor.HasField("raw_data") and tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES) or (
+        mapped_file(tensor) is not None)
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -250,14 +253,25 @@ class Weightless:
         """
         with open(data_file, "xb") as handle:
             for stub, tensor in self.tensors:
-                raw = tensor.raw_data
-                if len(raw) >= ALIGN_MIN_BYTES:
+                mapped = mapped_file(tensor)
+                raw = None if mapped else tensor.raw_data
+                size = tensor_nbytes(tensor) if mapped else len(raw)
+                if size >= ALIGN_MIN_BYTES:
                     handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
-                _set_external_data(stub, location, handle.tell(), len(raw))
-                handle.write(raw)
+                _set_external_data(stub, location, handle.tell(), size)
+                if mapped:
+                    _copy_range(mapped, _external_offset(tensor), size, handle)
+                else:
+                    handle.write(raw)
             if sync:
                 _sync(handle)
         _write_new(model_file, self.model.SerializeToString(), sync)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether a tensor's data is still in the input's file (:func:`mapped_file`): the
+        model cannot go as one serialized message without :func:`materialized`."""
+        return any(mapped_file(tensor) is not None for _, tensor in self.tensors)
 
 
 def weightless(model: onnx.ModelProto) -> Weightless:
@@ -280,6 +294,114 @@ def external_copy(model: onnx.ModelProto) -> Iterator[Path]:
         path = Path(folder) / "model.onnx"
         weightless(model).write(path, data_path(path), data_path(path).name, sync=False)
         yield path
+
+
+# --- mapped external data ------------------------------------------------------------------
+
+
+def mapped_file(tensor: TensorProto) -> str | None:
+    """The file a *mapped* tensor's data stays in (``load_model(..., mapped=True)``): its
+    external data location, an absolute path; None for any other tensor.  onnxruntime
+    refuses absolute locations, so a mapped tensor that reached it by mistake fails
+    loudly; :meth:`Weightless.write`, :func:`materialized` and :func:`mapped_array`
+    read its bytes."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    location = _location(tensor)
+    return location if os.path.isabs(location) else None
+
+
+def _external_offset(tensor: TensorProto) -> int:
+    return int(next((entry.value for entry in tensor.external_data if entry.key == "offset"), 0))
+
+
+def _mappable_dtype(tensor: TensorProto) -> np.dtype | None:
+    """The little-endian numpy dtype ``tensor``'s bytes are, when numpy reads them in place
+    (not the packed 4- and 2-bit types, strings, bfloat16 or float8)."""
+    if tensor.data_type in _PACKED_BITS or tensor.data_type in (TensorProto.UNDEFINED,
+                                                                 TensorProto.STRING):
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return dtype.newbyteorder("<") if dtype.kind in "fiub" else None
+
+
+def mapped_array(tensor: TensorProto) -> tuple[np.ndarray, mmap.mmap] | None:
+    """A mapped tensor's values, read-only, in place in its file (no copy: pages are read
+    when touched), with the mapping (:func:`release_pages`); None for any other tensor."""
+    file = mapped_file(tensor)
+    if file is None:
+        return None
+    offset, size = _external_offset(tensor), tensor_nbytes(tensor)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), offset + size - start, access=mmap.ACCESS_READ,
+                            offset=start)
+    values = np.frombuffer(mapping, dtype=_mappable_dtype(tensor), count=math.prod(tensor.dims),
+                           offset=offset - start)
+    return values.reshape(tuple(tensor.dims)), mapping
+
+
+def release_pages(mapping: mmap.mmap) -> None:
+    """Drop the pages of ``mapping`` from the process's resident memory (they are the file's,
+    unchanged: read again when touched).  A model's weights would otherwise stay resident
+    once read, as if loaded."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _read_into(tensor: TensorProto, file: Path | str, offset: int, length: int | None) -> None:
+    """``tensor``'s external bytes into its ``raw_data`` (an ordinary tensor again)."""
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        tensor.raw_data = handle.read(-1 if length is None else length)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+
+
+def _map_external_data(model: onnx.ModelProto, model_path: Path) -> None:
+    """Leave ``model``'s external data in its files (checked by :func:`_check_external_files`):
+    each tensor of a graph that numpy reads in place is mapped (:func:`mapped_file`); any
+    other external tensor (packed, bfloat16, strings, in a function) is read now."""
+    for tensor in _graph_tensors(model.graph):
+        if (tensor.data_location == TensorProto.EXTERNAL and _mappable_dtype(tensor) is not None
+                and tensor_nbytes(tensor) > 0):
+            file, offset, _ = _external_file(model_path, tensor)
+            _set_external_data(tensor, str(file.resolve()), offset, tensor_nbytes(tensor))
+    for tensor in iter_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL and mapped_file(tensor) is None:
+            _read_into(tensor, *_external_file(model_path, tensor))
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy with the data of its mapped tensors read in (for a whole
+    serialized message)."""
+    if not any(mapped_file(tensor) for tensor in iter_tensors(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in iter_tensors(copy):
+        if mapped_file(tensor):
+            _read_into(tensor, mapped_file(tensor), _external_offset(tensor), tensor_nbytes(tensor))
+    return copy
+
+
+#: Bytes :func:`_copy_range` reads at once.
+COPY_BYTES = 64 * 2**20
+
+
+def _copy_range(file: str, offset: int, size: int, handle) -> None:
+    """Copy ``size`` bytes of ``file`` from ``offset`` to the open ``handle``, a piece at a time."""
+    with open(file, "rb") as source:
+        source.seek(offset)
+        while size > 0:
+            piece = source.read(min(size, COPY_BYTES))
+            if not piece:
+                raise OSError(f"{file} ended {size} bytes early")
+            handle.write(piece)
+            size -= len(piece)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -389,15 +511,18 @@ def _check(model: onnx.ModelProto, path: Path | None, where: str) -> None:
 
 
 def load_model(
-    model_or_path: onnx.ModelProto | str | os.PathLike, *, weights: bool = True
+    model_or_path: onnx.ModelProto | str | os.PathLike, *, weights: bool = True,
+    mapped: bool = False,
 ) -> onnx.ModelProto:
     """Return a checked ``ModelProto`` from a path or a ``ModelProto``.
 
     External data files are read from the model's folder (``weights=False``
     leaves them where they are, for callers that only need the graph; they
-    are still checked).  Raises :class:`InputError` with one line for a
-    missing file, a file that is not ONNX (text, truncated protobuf), a
-    missing or truncated external data file, or a model the checker rejects.
+    are still checked; ``mapped=True`` leaves them there too, each tensor
+    numpy can read in place pointing at its file: :func:`mapped_file`).  Raises
+    :class:`InputError` with one line for a missing file, a file that is not
+    ONNX (text, truncated protobuf), a missing or truncated external data file,
+    or a model the checker rejects.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         _check(model_or_path, None, "model")
@@ -411,7 +536,10 @@ def load_model(
     _check(model, path, str(path))
     if weights:
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            if mapped:
+                _map_external_data(model, path)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read external data ({first_line(exc)})") from None
     return model
@@ -604,7 +732,7 @@ def save_model(
         )
     replaced = _own_data_files(out)
     if not (external_data or too_big):
-        write_atomic(out, model.SerializeToString())
+        write_atomic(out, materialized(model).SerializeToString())
         data = None
     else:
         data = data_path(out, secrets.token_hex(4))

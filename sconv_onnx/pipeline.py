@@ -103,6 +103,7 @@ def analyse(model: onnx.ModelProto, options: Options, input_shapes=None, inputs=
             for site in family.find(view):
                 entries.append(SiteEntry(family, site, _for_int8(
                     site, family.candidates(site, float(options.tol)), options.int8)))
+                view.release_pages()
                 running.advance()
             found = entries[count:]
             LOG.debug("  %s: %d sites, %d candidates in %.1f s", family.name, len(found),
@@ -246,6 +247,7 @@ def rewrite(analysis: Analysis, plan: Plan, refits: dict | None = None,
             for own in entry.candidates)
         if mine and all(chosen.get(key) is candidate for key in covered):
             entry.family.emit(entry.site, (refits or {}).get(id(candidate), candidate), emitter)
+            analysis.view.release_pages()
     if fold_all:
         folded = fold_remaining(emitter, set(chosen))
         if folded:
@@ -320,12 +322,15 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
              calib_data=None) -> tuple[onnx.ModelProto, Report]:
     """Load, plan, rewrite and verify a model; see :func:`sconv_onnx.optimize`.
 
-    A model given as a path is run by onnxruntime from its file (no copy of
-    its weights); a ``ModelProto`` is copied first, never modified.  With
+    A model given as a path is run by onnxruntime from its file, and its
+    external data is read in place (no copy of its weights: pages of the file,
+    released between layers); a ``ModelProto`` is copied first, never modified.  With
     ``select="measured"``, the whole-model check may exclude layers and plan
     again (:mod:`sconv_onnx.revert`); the analysis is not repeated.
     """
-    source = load_model(model_or_path)  # the only reference: freed before verification
+    # the only reference, freed before verification; a path's external data is read in
+    # place (modelio.mapped_file), not loaded
+    source = load_model(model_or_path, mapped=True)
     given = isinstance(model_or_path, onnx.ModelProto)
     if given:
         # graphsurgeon's export writes into tensors it imported lazily (a Constant node's

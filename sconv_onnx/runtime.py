@@ -52,13 +52,15 @@ def _create(model: onnx.ModelProto | str | os.PathLike, options) -> ort.Inferenc
     ``select="measured"`` creates many); a larger one as an
     :func:`~sconv_onnx.modelio.external_copy`, read from disk one tensor at
     a time, since bytes would hold every weight once more (twice while
-    onnxruntime parses them) and cannot exceed 2 GiB.
+    onnxruntime parses them) and cannot exceed 2 GiB.  So does a model whose
+    weights are still in its input's files (:func:`~sconv_onnx.modelio.mapped_file`).
     """
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
     limit = min(modelio.LARGE_MODEL_BYTES, modelio.PROTOBUF_LIMIT)
-    if weightless(model).serialized_size <= limit:
+    split = weightless(model)
+    if split.serialized_size <= limit and not split.mapped:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with external_copy(model) as path:
         return ort.InferenceSession(str(path), options, providers=providers)
@@ -120,7 +122,8 @@ def run_many(
     except Exception as exc:  # onnxruntime raises several unrelated types
         if "bfloat16" not in str(exc):
             raise
-        sess, widen = session(widen_model(modelio.load_model(model))), True
+        sess, widen = session(widen_model(modelio.load_model(
+            modelio.materialized(model) if isinstance(model, onnx.ModelProto) else model))), True
         if notes is not None and WIDENED_NOTE not in notes:
             notes.append(WIDENED_NOTE)
     names = [out.name for out in sess.get_outputs()]

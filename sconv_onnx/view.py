@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .context import with_observed
 from .errors import InputError
+from .modelio import LARGE_MODEL_BYTES, mapped_array, release_pages
 from .passes.graphs import mark_overridable, walk
 from .shapes import infer_tensor_shapes
 
@@ -42,6 +44,8 @@ class ModelView:
     observed: int = 0
     #: the input shapes ``concrete_shapes`` are at: the MAC context
     context: dict = field(default_factory=dict)
+    #: the file mappings constants read in place (:func:`read_in_place`)
+    mappings: list = field(default_factory=list)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
@@ -57,17 +61,59 @@ class ModelView:
         graph = gs.import_onnx(model)
         keep_overridable(model, graph)
         return cls(model, graph, default_opset(model), static, concrete, observed,
-                   dict(input_shapes))
+                   dict(input_shapes), read_in_place(graph))
+
+    def release_pages(self) -> None:
+        """Drop the pages of the weights read in place from resident memory (read again
+        from the file, or the kernel's cache, when touched): between layers, so that a
+        large model's weights are not all resident at once.  Only above
+        :data:`~sconv_onnx.modelio.LARGE_MODEL_BYTES` of them: below, their memory
+        matters less than the system calls."""
+        if sum(len(mapping) for mapping in self.mappings) > LARGE_MODEL_BYTES:
+            for mapping in self.mappings:
+                release_pages(mapping)
 
     def nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
-        """``(graph, node)`` for every node of the model, subgraphs included."""
-        return walk(self.graph)
+        """``(graph, node)`` for every node of the model, subgraphs included; the weights
+        read in place are released between nodes (:meth:`release_pages`: a family's
+        ``find`` may read every layer's weight before its search starts)."""
+        for owner, node in walk(self.graph):
+            yield owner, node
+            self.release_pages()
 
     def shapes(self, graph: gs.Graph) -> tuple[dict, dict]:
         """``(static, concrete)`` shapes for the nodes of ``graph``: none in a subgraph."""
         if graph is self.graph:
             return self.static_shapes, self.concrete_shapes
         return {}, {}
+
+
+def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every constant ``graph``'s nodes read (subgraphs included) and its overridable
+    inputs, once each."""
+    seen = set()
+    tensors = [tensor for _, node in walk(graph) for tensor in node.inputs]
+    for tensor in tensors + list(graph.inputs):
+        if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+
+
+def read_in_place(graph: gs.Graph) -> list:
+    """Give each constant of ``graph`` whose tensor is mapped
+    (:func:`~sconv_onnx.modelio.mapped_file`) its values in place in the file, read-only
+    (:func:`~sconv_onnx.modelio.mapped_array`), instead of onnx-graphsurgeon's copy made
+    when first read; return the mappings.  An exported rewrite copies the values of the
+    constants it keeps."""
+    mappings = []
+    for constant in _constants(graph):
+        lazy = constant._values  # onnx-graphsurgeon keeps an unread tensor as LazyValues
+        if isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto):
+            found = mapped_array(lazy.tensor)
+            if found is not None:
+                constant.values, mapping = found
+                mappings.append(mapping)
+    return mappings
 
 
 def overridable_names(model: onnx.ModelProto) -> set[str]:
@@ -100,7 +146,9 @@ def keep_overridable(model: onnx.ModelProto, graph: gs.Graph) -> None:
     inputs = {tensor.name: tensor for tensor in graph.inputs}
     for name in names:
         if name not in tensors:  # read by no node: imported nowhere
-            tensors[name] = gs.Constant(name, numpy_helper.to_array(stored[name]))
+            found = mapped_array(stored[name])
+            tensors[name] = gs.Constant(name, numpy_helper.to_array(stored[name]) if found is None
+                                        else found[0])
         mark_overridable(tensors[name])
         inputs[name] = tensors[name]
     graph.inputs = [inputs[inp.name] for inp in model.graph.input if inp.name in inputs]

@@ -105,22 +105,24 @@ def big_model(folder: Path, rng: np.random.Generator) -> Path:
 
 #: Runs the command line in a child and reports, for each phase of ``optimize``, its time
 #: and its own peak resident memory: Linux's ``VmHWM`` of the process, reset before the
-#: phase (writing 5 to ``/proc/self/clear_refs``).  ``getrusage`` of children would count
-#: the parent's pages at fork.
+#: phase (writing 5 to ``/proc/self/clear_refs``), and the whole run's peak, read before
+#: each reset.  ``getrusage`` of children would count the parent's pages at fork.
 _MEASURED_CLI = """
 import functools, sys, time
 from sconv_onnx import cli, layercheck, pipeline
 
 PHASES = [(pipeline, "load_model", "load (the graph; external data mapped)"),
-          (pipeline, "analyse", "structure search"), (pipeline, "rewrite", "plan and rewrite"),
-          (layercheck, "check_layers", "layer checks"), (pipeline, "verify_outputs", "verification"),
-          (cli, "save_model", "save")]
+          (pipeline, "analyse", "structure search"), (pipeline, "plan", "plan"),
+          (pipeline, "rewrite", "rewrite"), (layercheck, "check_layers", "layer checks"),
+          (pipeline, "verify_outputs", "verification"), (cli, "save_model", "save")]
+overall = [0]  # the peak of the whole run, gaps between phases included
 
 def status(key):
     with open("/proc/self/status") as lines:
         return next(int(line.split()[1]) for line in lines if line.startswith(key))
 
 def reset():
+    overall[0] = max(overall[0], status("VmHWM"))
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
@@ -134,17 +136,18 @@ def measured(module, name, label):
             return function(*args, **kwargs)
         finally:
             print("phase", label, time.perf_counter() - start, status("VmHWM"), file=sys.stderr)
-            reset()
     setattr(module, name, wrapper)
 
 for module, name, label in PHASES:
     measured(module, name, label)
-peak = status("VmHWM")
+baseline = status("VmHWM")
 try:
     code = cli.main(sys.argv[1:])
 except SystemExit as stop:
     code = stop.code
-print("baseline kB", peak, file=sys.stderr)
+reset()
+print("baseline kB", baseline, file=sys.stderr)
+print("overall kB", overall[0], file=sys.stderr)
 sys.exit(code)
 """
 #: ``phase <label> <seconds> <peak kB>`` on the child's stderr
@@ -166,11 +169,11 @@ def end_to_end(folder: Path, rng: np.random.Generator) -> list[list[str]]:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"optimize failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    baseline = int(re.search(r"^baseline kB (\d+)$", done.stderr, flags=re.MULTILINE)[1]) / 2**20
-    rows, worst = [], 0.0
+    baseline, worst = (int(re.search(rf"^{name} kB (\d+)$", done.stderr, flags=re.MULTILINE)[1])
+                       / 2**20 for name in ("baseline", "overall"))
+    rows = []
     for match in filter(None, map(PHASE_LINE.match, done.stderr.splitlines())):
         peak = int(match[3]) / 2**20
-        worst = max(worst, peak)
         rows.append([match[1], f"{float(match[2]):.1f}", f"{peak:.2f}",
                      f"{(peak - baseline) / weights:.2f}x"])
     rows.append(["whole run (the child process, from its start)", f"{seconds:.1f}", f"{worst:.2f}",

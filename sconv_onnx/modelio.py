@@ -302,9 +302,9 @@ def external_copy(model: onnx.ModelProto) -> Iterator[Path]:
 def mapped_file(tensor: TensorProto) -> str | None:
     """The file a *mapped* tensor's data stays in (``load_model(..., mapped=True)``): its
     external data location, an absolute path; None for any other tensor.  onnxruntime
-    refuses absolute locations, so a mapped tensor that reached it by mistake fails
-    loudly; :meth:`Weightless.write`, :func:`materialized` and :func:`mapped_array`
-    read its bytes."""
+    (1.32) refuses absolute locations ("Absolute path not allowed"), so a mapped tensor
+    that reached it by mistake would fail loudly; :meth:`Weightless.write`,
+    :func:`read_mapped` and :func:`mapped_array` read its bytes."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return None
     location = _location(tensor)
@@ -328,26 +328,28 @@ def _mappable_dtype(tensor: TensorProto) -> np.dtype | None:
     return dtype.newbyteorder("<") if dtype.kind in "fiub" else None
 
 
-def mapped_array(tensor: TensorProto) -> tuple[np.ndarray, mmap.mmap] | None:
+def mapped_array(tensor: TensorProto, files: dict[str, mmap.mmap]) -> np.ndarray | None:
     """A mapped tensor's values, read-only, in place in its file (no copy: pages are read
-    when touched), with the mapping (:func:`release_pages`); None for any other tensor."""
+    when touched); None for any other tensor.  ``files`` holds one mapping per file, made
+    here when first needed (one per tensor would hold a file descriptor each: a model
+    exported one file per weight would run out of them)."""
     file = mapped_file(tensor)
-    if file is None:
+    dtype = _mappable_dtype(tensor)
+    if file is None or dtype is None:
         return None
-    offset, size = _external_offset(tensor), tensor_nbytes(tensor)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(file, "rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), offset + size - start, access=mmap.ACCESS_READ,
-                            offset=start)
-    values = np.frombuffer(mapping, dtype=_mappable_dtype(tensor), count=math.prod(tensor.dims),
-                           offset=offset - start)
-    return values.reshape(tuple(tensor.dims)), mapping
+    if file not in files:
+        with open(file, "rb") as handle:
+            files[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    values = np.frombuffer(files[file], dtype=dtype, count=math.prod(tensor.dims),
+                           offset=_external_offset(tensor))
+    return values.reshape(tuple(tensor.dims))
 
 
 def release_pages(mapping: mmap.mmap) -> None:
     """Drop the pages of ``mapping`` from the process's resident memory (they are the file's,
     unchanged: read again when touched).  A model's weights would otherwise stay resident
-    once read, as if loaded."""
+    once read, as if loaded.  Where ``madvise`` has no ``MADV_DONTNEED`` (Windows), the
+    kernel alone decides."""
     if hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)
 
@@ -361,31 +363,50 @@ def _read_into(tensor: TensorProto, file: Path | str, offset: int, length: int |
     tensor.data_location = TensorProto.DEFAULT
 
 
+def _initializers(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    for scope in graphs(graph):
+        yield from scope.initializer
+
+
 def _map_external_data(model: onnx.ModelProto, model_path: Path) -> None:
-    """Leave ``model``'s external data in its files (checked by :func:`_check_external_files`):
-    each tensor of a graph that numpy reads in place is mapped (:func:`mapped_file`); any
-    other external tensor (packed, bfloat16, strings, in a function) is read now."""
-    for tensor in _graph_tensors(model.graph):
-        if (tensor.data_location == TensorProto.EXTERNAL and _mappable_dtype(tensor) is not None
-                and tensor_nbytes(tensor) > 0):
-            file, offset, _ = _external_file(model_path, tensor)
-            _set_external_data(tensor, str(file.resolve()), offset, tensor_nbytes(tensor))
-    for tensor in iter_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL and mapped_file(tensor) is None:
+    """Leave ``model``'s external data in its files (checked by :func:`_check_external_files`)
+    when above :data:`LARGE_MODEL_BYTES` in all: each initializer of at least
+    :data:`EXTERNAL_MIN_BYTES` that numpy reads in place is mapped (:func:`mapped_file`).
+    Every other external tensor is read now: small ones (shape inference reads their
+    values), those numpy cannot read (packed, bfloat16, strings), attribute tensors (a
+    ``Constant`` node's value) and those of a smaller model, for which bytes in memory
+    cost less than a temporary file per onnxruntime session."""
+    external = [tensor for tensor in iter_tensors(model)
+                if tensor.data_location == TensorProto.EXTERNAL]
+    if sum(tensor_nbytes(tensor) for tensor in external) > LARGE_MODEL_BYTES:
+        for tensor in _initializers(model.graph):
+            if (tensor.data_location == TensorProto.EXTERNAL and _mappable_dtype(tensor) is not None
+                    and tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES):
+                file, offset, _ = _external_file(model_path, tensor)
+                _set_external_data(tensor, str(file.resolve()), offset, tensor_nbytes(tensor))
+    for tensor in external:
+        if mapped_file(tensor) is None:
             _read_into(tensor, *_external_file(model_path, tensor))
 
 
+def read_mapped(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Read the data of ``model``'s mapped tensors into them (in place; returns ``model``):
+    the model then holds its weights itself."""
+    for tensor in iter_tensors(model):
+        file = mapped_file(tensor)
+        if file is not None:
+            _read_into(tensor, file, _external_offset(tensor), tensor_nbytes(tensor))
+    return model
+
+
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or a copy with the data of its mapped tensors read in (for a whole
-    serialized message)."""
+    """``model``, or a copy of it with the data of its mapped tensors read in (for a whole
+    serialized message; ``model`` itself is not changed)."""
     if not any(mapped_file(tensor) for tensor in iter_tensors(model)):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for tensor in iter_tensors(copy):
-        if mapped_file(tensor):
-            _read_into(tensor, mapped_file(tensor), _external_offset(tensor), tensor_nbytes(tensor))
-    return copy
+    return read_mapped(copy)
 
 
 #: Bytes :func:`_copy_range` reads at once.
@@ -518,8 +539,8 @@ def load_model(
 
     External data files are read from the model's folder (``weights=False``
     leaves them where they are, for callers that only need the graph; they
-    are still checked; ``mapped=True`` leaves them there too, each tensor
-    numpy can read in place pointing at its file: :func:`mapped_file`).  Raises
+    are still checked; ``mapped=True`` leaves the weights of a large model there
+    too, each pointing at its file: :func:`_map_external_data`).  Raises
     :class:`InputError` with one line for a missing file, a file that is not
     ONNX (text, truncated protobuf), a missing or truncated external data file,
     or a model the checker rejects.

@@ -27,7 +27,7 @@ from .context import context_feeds, context_shapes, with_observed
 from .errors import InputError, VerificationError, first_line, param
 from .layercheck import FAIL
 from .measure import Measurer
-from .modelio import LARGE_MODEL_BYTES, load_model, restore_model_fields, weightless
+from .modelio import LARGE_MODEL_BYTES, load_model, read_mapped, restore_model_fields, weightless
 from .options import DEFAULT_TOL, Options, default_max_error
 from .passes import resolve
 from .passes.base import Emitter
@@ -406,7 +406,9 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
             raise VerificationError(f"verification failed: {report.outcome()}", report)
     if unmet:
         raise VerificationError(unmet, report)
-    return rewritten, report
+    # the caller's model holds its weights (the input, when nothing was rewritten, would
+    # still point at its file; both models are this run's own)
+    return read_mapped(rewritten), report
 
 
 def _unmet_target(options: Options, report: Report) -> str | None:

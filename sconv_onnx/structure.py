@@ -69,7 +69,8 @@ SCREEN_PASSES = 4
 #: Exact channel checks :func:`search_flops` counts: a structured weight passes the
 #: screen at its own size and a few more (a 1000 x 2048 weight structured at 1024: 2
 #: sizes, 1024 and 1844; VGG's 4096 x 25088 at 12544: 16 sizes, all folded in one
-#: pass, where 14 drop out within a few blocks, :func:`_channel_grams`).  At most :data:`MAX_EXACT_CHANNEL_CHECKS` run; the
+#: pass, where 14 drop out within a few blocks, :func:`_channel_grams`).  At most
+#: :data:`MAX_EXACT_CHANNEL_CHECKS` run; the
 #: estimate bounds a run, it does not predict one.
 EXPECTED_CHANNEL_CHECKS = 4
 #: Largest :func:`search_flops` the search takes.  On the 2-core test machine (busy),
@@ -266,14 +267,17 @@ def power_of_two_shift(weight3: np.ndarray) -> int:
     return 0 if largest == 0.0 else -math.frexp(largest)[1]
 
 
-def _filter_ranges(weight3: np.ndarray, elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+def _filter_ranges(weight3: np.ndarray, elements: int | None = None) -> list[tuple[int, int]]:
+    """Filter ranges of at most ``elements`` elements (:data:`BLOCK_ELEMENTS` by default, read
+    when called), at least one filter each."""
     per_filter = max(1, math.prod(weight3.shape[1:]))
+    elements = BLOCK_ELEMENTS if elements is None else elements
     step = max(1, elements // per_filter)
     return [(start, min(start + step, weight3.shape[0]))
             for start in range(0, weight3.shape[0], step)]
 
 
-def filter_blocks(weight3: np.ndarray, shift: int = 0, elements: int = BLOCK_ELEMENTS):
+def filter_blocks(weight3: np.ndarray, shift: int = 0, elements: int | None = None):
     """``(start, stop, block)``: filters ``start:stop`` of ``weight3`` ``(O, C, S)`` in
     float64 times ``2^shift`` (exact), at most ``elements`` elements at a time.  Every block
     is written into one buffer: a block is valid until the next is asked for (a fresh
@@ -298,13 +302,15 @@ def filter_major(weight3: np.ndarray) -> np.ndarray:
     more: 8.5 ns per element on the 2-core machine, against 0.9 for a contiguous block.
     The copy goes by square tiles that stay in cache (3 ns per element) and is made once
     per search; it holds the weight's size again, in its dtype."""
-    if weight3.shape[2] != 1 or weight3.flags.c_contiguous or weight3.strides[0] >= weight3.strides[1]:
+    filters_apart = weight3.strides[0] >= weight3.strides[1]
+    if weight3.shape[2] != 1 or weight3.flags.c_contiguous or filters_apart:
         return weight3
     source, (out, channels) = weight3[:, :, 0], weight3.shape[:2]
     copy = np.empty((out, channels), dtype=weight3.dtype)
     for first in range(0, out, TILE):
         for start in range(0, channels, TILE):
-            copy[first:first + TILE, start:start + TILE] = source[first:first + TILE, start:start + TILE]
+            tile = (slice(first, first + TILE), slice(start, start + TILE))
+            copy[tile] = source[tile]
     return copy.reshape(weight3.shape)
 
 
@@ -393,19 +399,12 @@ def complement_fit(weight3: np.ndarray, under: int) -> tuple[np.ndarray, np.ndar
     return sums, periodic.reshape(out, period, spatial)
 
 
-def complement_gram(weight3: np.ndarray, under: int) -> np.ndarray:
-    """``sum_o sum_k s_ok p_ok^T`` of :func:`complement_fit` (``S x S``), without the
-    projection itself: ``sum_k m_k^-1 s_k s_k^T - t t^T / sum_k m_k^-1`` per filter,
-    ``t = sum_k m_k^-1 s_k`` (fewer passes over the folded sums; exact structures
-    cancel to rounding of the weight's energy, as :func:`_residual` reads them)."""
-    gram = _ComplementGram(weight3.shape, under, weight3.shape[0])
-    gram.add(np.asarray(weight3, dtype=np.float64))
-    return gram.gram
-
-
 class _ComplementGram:
-    """:func:`complement_gram` summed over blocks of at most ``filters`` filters of a
-    weight of ``shape`` ``(O, C, S)``, into buffers made once: the folded sums and their
+    """``sum_o sum_k s_ok p_ok^T`` of :func:`complement_fit` (``S x S``), summed over blocks
+    of at most ``filters`` filters of a weight of ``shape`` ``(O, C, S)``, without the
+    projection itself: ``sum_k m_k^-1 s_k s_k^T - t t^T / sum_k m_k^-1`` per filter,
+    ``t = sum_k m_k^-1 s_k`` (exact structures cancel to rounding of the weight's energy,
+    as :func:`_residual` reads them).  Into buffers made once: the folded sums and their
     weighted copy, ``(filters, L S)`` each (a fresh array per block cost a page fault per
     4 KiB, several times the arithmetic)."""
 
@@ -587,8 +586,10 @@ def _phase_products(theta: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, 
         turn = np.outer(angles, starts)
         turn_cos, turn_sin = np.cos(turn)[:, None, :], np.sin(turn)[:, None, :]
         inner_cos, inner_sin = inner[0], inner[1]  # (lengths, blocks, columns)
-        real[first:first + group] = (np.matmul(turn_cos, inner_cos) - np.matmul(turn_sin, inner_sin))[:, 0]
-        imag[first:first + group] = (np.matmul(turn_sin, inner_cos) + np.matmul(turn_cos, inner_sin))[:, 0]
+        real[first:first + group] = (np.matmul(turn_cos, inner_cos)
+                                     - np.matmul(turn_sin, inner_sin))[:, 0]
+        imag[first:first + group] = (np.matmul(turn_sin, inner_cos)
+                                     + np.matmul(turn_cos, inner_sin))[:, 0]
     return real, imag
 
 
@@ -695,9 +696,10 @@ def _feasible_channels(weight3: np.ndarray, shift: int, tol: float) -> dict[int,
     slack = SKETCH_SLACK if sketched else 1.0
     screened = [int(under) for under in np.flatnonzero(_screen_bounds(matrix)[:-1] <= tol * slack) + 1]
     identity = np.eye(spatial)
-    # a size above tol is dropped as soon as its energy off the structure shows it (the
-    # margin keeps any size whose full residual, rounded, is within tol)
-    limit = tol * tol * norm_sq * (1 + 1e-9) + 1e-15 * norm_sq
+    # a size above tol is dropped as soon as its energy off the structure shows it; the
+    # margin, far above the rounding of the blocks' sums (about 1e-14 of the energy), keeps
+    # a size at tol for the exact test below
+    limit = tol * tol * norm_sq * (1 + 1e-9) + 1e-12 * norm_sq
     checked = _channel_grams(weight3, screened[:MAX_EXACT_CHANNEL_CHECKS], full_gram, shift, limit)
     for under, gram in checked.items():  # the smallest two within tol
         if _residual(gram, identity, norm_sq) <= tol:

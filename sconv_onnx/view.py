@@ -12,7 +12,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .context import with_observed
 from .errors import InputError
-from .modelio import LARGE_MODEL_BYTES, mapped_array, release_pages
+from .modelio import mapped_array, release_pages
 from .passes.graphs import mark_overridable, walk
 from .shapes import infer_tensor_shapes
 
@@ -44,8 +44,8 @@ class ModelView:
     observed: int = 0
     #: the input shapes ``concrete_shapes`` are at: the MAC context
     context: dict = field(default_factory=dict)
-    #: the file mappings constants read in place (:func:`read_in_place`)
-    mappings: list = field(default_factory=list)
+    #: the mapping of each file whose constants are read in place (:func:`read_in_place`)
+    mappings: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
@@ -59,19 +59,19 @@ class ModelView:
         if feeds is not None:
             concrete, observed = with_observed(model, concrete, feeds)
         graph = gs.import_onnx(model)
-        keep_overridable(model, graph)
+        mappings: dict = {}
+        keep_overridable(model, graph, mappings)
+        read_in_place(graph, mappings)
         return cls(model, graph, default_opset(model), static, concrete, observed,
-                   dict(input_shapes), read_in_place(graph))
+                   dict(input_shapes), mappings)
 
     def release_pages(self) -> None:
         """Drop the pages of the weights read in place from resident memory (read again
         from the file, or the kernel's cache, when touched): between layers, so that a
-        large model's weights are not all resident at once.  Only above
-        :data:`~sconv_onnx.modelio.LARGE_MODEL_BYTES` of them: below, their memory
-        matters less than the system calls."""
-        if sum(len(mapping) for mapping in self.mappings) > LARGE_MODEL_BYTES:
-            for mapping in self.mappings:
-                release_pages(mapping)
+        large model's weights are not all resident at once (a model maps them only
+        above :data:`~sconv_onnx.modelio.LARGE_MODEL_BYTES`)."""
+        for mapping in self.mappings.values():
+            release_pages(mapping)
 
     def nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
         """``(graph, node)`` for every node of the model, subgraphs included; the weights
@@ -99,21 +99,19 @@ def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
             yield tensor
 
 
-def read_in_place(graph: gs.Graph) -> list:
+def read_in_place(graph: gs.Graph, files: dict) -> None:
     """Give each constant of ``graph`` whose tensor is mapped
     (:func:`~sconv_onnx.modelio.mapped_file`) its values in place in the file, read-only
-    (:func:`~sconv_onnx.modelio.mapped_array`), instead of onnx-graphsurgeon's copy made
-    when first read; return the mappings.  An exported rewrite copies the values of the
-    constants it keeps."""
-    mappings = []
+    (:func:`~sconv_onnx.modelio.mapped_array`; ``files``: the mappings), instead of
+    onnx-graphsurgeon's copy made when first read.  An exported rewrite copies the
+    values of the constants it keeps."""
     for constant in _constants(graph):
         lazy = constant._values  # onnx-graphsurgeon keeps an unread tensor as LazyValues
         if isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto):
-            found = mapped_array(lazy.tensor)
-            if found is not None:
-                constant.values, mapping = found
-                mappings.append(mapping)
-    return mappings
+            values = mapped_array(lazy.tensor, files)
+            if values is not None:
+                constant.values = values
+                constant.data_location = None  # in memory now, as far as an export goes
 
 
 def overridable_names(model: onnx.ModelProto) -> set[str]:
@@ -126,7 +124,7 @@ def overridable_names(model: onnx.ModelProto) -> set[str]:
     return {inp.name for inp in model.graph.input if inp.name in stored}
 
 
-def keep_overridable(model: onnx.ModelProto, graph: gs.Graph) -> None:
+def keep_overridable(model: onnx.ModelProto, graph: gs.Graph, files: dict) -> None:
     """Mark the initializers that ``model``'s main graph also lists as inputs (from IR
     :data:`OVERRIDABLE_IR`) and put them back among ``graph``'s inputs, in the model's
     order.
@@ -146,9 +144,9 @@ def keep_overridable(model: onnx.ModelProto, graph: gs.Graph) -> None:
     inputs = {tensor.name: tensor for tensor in graph.inputs}
     for name in names:
         if name not in tensors:  # read by no node: imported nowhere
-            found = mapped_array(stored[name])
-            tensors[name] = gs.Constant(name, numpy_helper.to_array(stored[name]) if found is None
-                                        else found[0])
+            values = mapped_array(stored[name], files)  # ``files``: the mappings
+            tensors[name] = gs.Constant(name, numpy_helper.to_array(stored[name])
+                                        if values is None else values)
         mark_overridable(tensors[name])
         inputs[name] = tensors[name]
     graph.inputs = [inputs[inp.name] for inp in model.graph.input if inp.name in inputs]

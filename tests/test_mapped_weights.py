@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_external_data import _conv_chain, _save_external
 
 from sconv_onnx import modelio
+from sconv_onnx.api import optimize
 from sconv_onnx.cli import main
 from sconv_onnx.modelio import load_model, mapped_file, save_model
 from sconv_onnx.runtime import run
@@ -31,6 +32,12 @@ def _output(model, feeds: dict) -> np.ndarray:
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+@pytest.fixture(autouse=True)
+def _map_any_size(monkeypatch):
+    """Models map their external data above LARGE_MODEL_BYTES: these small ones too."""
+    monkeypatch.setattr(modelio, "LARGE_MODEL_BYTES", 0)
 
 
 @pytest.fixture()
@@ -50,7 +57,7 @@ def test_mapped_tensors_point_at_the_file_and_read_in_place(chain):
         assert os.path.isabs(mapped_file(tensor))
         assert not tensor.raw_data
     view = ModelView.of(model, {"x": (1, 32, 8, 8)})
-    assert len(view.mappings) == len(mapped)
+    assert list(view.mappings) == [mapped_file(mapped[0])]  # one mapping for the one file
     constants = {tensor.name: tensor for tensor in view.graph.tensors().values()
                  if tensor.name in weights}
     for name, values in weights.items():
@@ -83,6 +90,36 @@ def test_a_mapped_model_runs_and_saves_as_the_loaded_one(chain, tmp_path):
     os.remove(path.with_name(path.name + ".data"))  # the outputs stand alone
     for written in (one, split):
         assert np.array_equal(_output(written, feeds), expected)
+
+
+def test_small_and_attribute_tensors_are_read_at_load(tmp_path, capsys):
+    """Only initializers of at least 1 KiB that numpy reads are mapped: a small bias (shape
+    inference may read such values) and a ``Constant`` node's value are read into the
+    model at load, and such a model optimizes."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    table = rng.standard_normal((1, 256)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(table, "t")),
+         helper.make_node("Add", ["x", "t"], ["s"]),
+         helper.make_node("Gemm", ["s", "w", "b"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(weight, "w"),
+         numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "attr.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="attr.onnx.data", size_threshold=0)  # every tensor external
+    loaded = load_model(path, mapped=True)
+    stored = {tensor.name: tensor for tensor in modelio.iter_tensors(loaded)}
+    assert mapped_file(stored["w"])
+    for name in ("b", "t"):
+        assert not mapped_file(stored[name])
+        assert stored[name].data_location == TensorProto.DEFAULT
+    assert main(["optimize", str(path), str(tmp_path / "out.onnx"), "-q"]) == 0
+    assert "PASS" in capsys.readouterr().out
 
 
 def test_unmappable_external_tensors_are_read_at_load(tmp_path):
@@ -143,3 +180,17 @@ def test_optimize_with_nothing_rewritten_writes_the_weights_itself(chain, tmp_pa
                    for tensor in modelio.iter_tensors(written))
     for name, value in _weights(written).items():
         assert np.array_equal(value, weights[name])
+
+
+def test_the_api_returns_a_model_holding_its_weights(chain):
+    """``optimize(path)`` hands back a model that stands alone, rewritten or not: none of
+    its tensors points at the input's file."""
+    path, weights = chain
+    for families in ("igc", "box"):
+        model, report = optimize(str(path), families=families)
+        assert bool(report.plan.rewritten) == (families == "box")
+        assert not any(tensor.data_location == TensorProto.EXTERNAL
+                       for tensor in modelio.iter_tensors(model))
+        kept = _weights(model)
+        for name in kept.keys() & weights.keys():
+            assert np.array_equal(kept[name], weights[name])

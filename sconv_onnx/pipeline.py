@@ -323,13 +323,14 @@ def optimize(model_or_path, options: Options, *, input_shapes=None, inputs=None,
     """Load, plan, rewrite and verify a model; see :func:`sconv_onnx.optimize`.
 
     A model given as a path is run by onnxruntime from its file, and its
-    external data is read in place (no copy of its weights: pages of the file,
-    released between layers); a ``ModelProto`` is copied first, never modified.  With
+    external data, above :data:`~sconv_onnx.modelio.LARGE_MODEL_BYTES`, is read
+    in place (no copy of its weights: pages of the file, released between
+    layers); a ``ModelProto`` is copied first, never modified.  With
     ``select="measured"``, the whole-model check may exclude layers and plan
     again (:mod:`sconv_onnx.revert`); the analysis is not repeated.
     """
-    # the only reference, freed before verification; a path's external data is read in
-    # place (modelio.mapped_file), not loaded
+    # the only reference, freed before verification; a large path's external data stays
+    # in its files (modelio.mapped_file)
     source = load_model(model_or_path, mapped=True)
     given = isinstance(model_or_path, onnx.ModelProto)
     if given:

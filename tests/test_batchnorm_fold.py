@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conv_models import ConvSpec, make_model
 from onnx import TensorProto, helper, numpy_helper
@@ -158,3 +159,49 @@ def test_batchnorm_whose_statistic_is_made_from_a_graph_input_stays():
     assert "BatchNormalization" in [node.op_type for node in new.graph.node]
     assert "bn_scale" in [inp.name for inp in new.graph.input]
     assert report.status == "PASS"
+
+
+#: Found by the graph fuzzer: one weight read by convs in both branches of an ``If`` and in
+#: a nested ``If``, each conv followed by a BN (onnx-graphsurgeon's graph copy gives each
+#: branch its own copy of ``w``, one reader each).
+_SHARED_ACROSS_BRANCHES = """
+<ir_version: 8, opset_import: ["" : 13]>
+fuzz (float[1,2,5,5] x, bool cond) => (float[1,2,5,3] out)
+   <float[2,2,1,1] w = {0.12573022,-0.13210486,0.64042264,0.104900114},
+    float[2] s = {1.5942448,1.3154374}, float[2] b = {-0.12654215,-0.062327445},
+    float[2] m = {0.0041325977,-0.23250307}, float[2] v = {0.5503784,1.5944831},
+    bool yes = {1}>
+{
+   out = If (yes) <else_branch: graph = e () => (float[1,2,5,3] c0) {
+      c0 = Conv <dilations: ints = [1, 2], strides: ints = [1, 2]> (x, w)
+   }, then_branch: graph = t () => (float[1,2,5,3] inner) {
+      c1 = Conv <dilations: ints = [1, 2], strides: ints = [1, 2]> (x, w)
+      n1 = BatchNormalization (c1, s, b, m, v)
+      inner = If (cond) <else_branch: graph = e2 () => (float[1,2,5,3] n2) {
+         c2 = Conv <auto_pad: string = "SAME_UPPER"> (n1, w)
+         n2 = BatchNormalization (c2, s, b, m, v)
+      }, then_branch: graph = t2 () => (float[1,2,5,3] n3) {
+         c3 = Conv (n1, w)
+         n3 = BatchNormalization (c3, s, b, m, v)
+      }>
+   }>
+}
+"""
+
+
+def test_batchnorm_after_a_weight_shared_across_branches_stays():
+    """A weight read in several branches is shared even where each branch holds its own
+    copy of it: no BN is folded into it, and both conditions give the original's outputs
+    (folding changed the weight under the other branches' convs: 0.24 of the output)."""
+    model = onnx.parser.parse_model(_SHARED_ACROSS_BRANCHES)
+    new, report = sconv_onnx.optimize(model, select="all")
+    assert not any("folded" in note for note in report.notes), report.notes
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 2, 5, 5)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert np.array_equal(_outputs(new, feeds), _outputs(model, feeds))
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]

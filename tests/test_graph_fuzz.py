@@ -50,6 +50,7 @@ from sconv_onnx.models.common import GraphBuilder, plain_weight, structured_weig
 import sconv_onnx
 from sconv_onnx.errors import VerificationError
 from sconv_onnx.structure import is_finite, relative_residual
+from sconv_onnx.verify import random_feeds
 
 #: About 0.1 s an example on 2 cores: the default keeps this file near 20 s.
 EXAMPLES = int(os.environ.get("SCONV_PROPERTY_EXAMPLES", "200"))
@@ -761,7 +762,10 @@ def test_optimized_graphs_stay_equivalent(case):
     for select in ("all", "cost"):
         try:
             new, report = sconv_onnx.optimize(case.model, select=select)
-        except VerificationError as exc:  # only non-finite outputs may fail
+        except VerificationError as exc:  # only non-finite outputs, or rounding, may fail
+            if not case.poisoned and _within_rounding(case.model, exc.report):
+                event(f"select={select}: verification failed within the model's rounding")
+                continue
             assert case.poisoned and _non_finite_failures(exc.report), exc.report.failures()
             _check_plan(case, exc.report.plan)
             event(f"select={select}: verification failed on non-finite outputs")
@@ -780,6 +784,54 @@ def test_optimized_graphs_stay_equivalent(case):
             for y0, y1 in zip(reference, _run(new, feed)):
                 _assert_equivalent(case, select, y0, y1)
     assert case.model.SerializeToString() == original  # the input model is never modified
+
+
+#: Inputs moved by one float32 ulp, this many times, to see how far the original model's
+#: own rounding moves its outputs.
+ULP_SAMPLES = 8
+
+
+def _within_rounding(model: onnx.ModelProto, report) -> bool:
+    """Whether a failed verification is float32 rounding that an output amplifies: every
+    layer passed alone, and the outputs differ by no more than 1-ulp changes of the
+    inputs move the original's outputs.  An output that cancels to almost nothing does
+    that (one dot product of 132 terms came to 5.3e-5; the rewrite's channel sum moved it
+    by 8.3e-8, 1.6e-3 of it, and 1-ulp input changes by up to 3e-7); a wrong rewrite
+    misses by orders of magnitude."""
+    if report.errors is None or any(e.problem for e in report.errors):
+        return False
+    if any(check.status != "PASS" for check in report.layer_checks or ()):
+        return False
+    feeds = random_feeds(model, report.input_shapes, 0)  # optimize's own verification inputs
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [out.name for out in session.get_outputs()]
+    reference = dict(zip(names, session.run(names, feeds)))
+    rng = np.random.default_rng(0)
+    moved = dict.fromkeys(names, 0.0)
+    for _ in range(ULP_SAMPLES):
+        nudged = {name: value * (1 + np.float32(2**-23) * rng.choice([-1, 1], value.shape))
+                  .astype(value.dtype) if value.dtype.kind == "f" else value
+                  for name, value in feeds.items()}
+        for name, value in zip(names, session.run(names, nudged)):
+            moved[name] = max(moved[name], float(np.max(np.abs(value - reference[name]))))
+    return all(e.max_abs <= moved[e.name] for e in report.errors)
+
+
+def test_rounding_explains_only_errors_within_the_models_own():
+    """:func:`_within_rounding` accepts an error no larger than 1-ulp input changes move
+    the original's output, and refuses one a wrong rewrite would make."""
+    rng = np.random.default_rng(7)
+    builder = GraphBuilder("single")
+    weight = builder.constant("w", rng.standard_normal((64, 1)).astype(np.float32))
+    y = builder.op("MatMul", ["x", weight])
+    model = builder.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 1])])
+    _, report = sconv_onnx.optimize(model)
+    output = report.errors[0]
+    output.max_abs = 0.0
+    assert _within_rounding(model, report)
+    output.max_abs = 1e-3 * (1 + abs(float(_run(model, random_feeds(model, {"x": (1, 64)}))[0][0, 0])))
+    assert not _within_rounding(model, report)
 
 
 def _non_finite_failures(report) -> bool:

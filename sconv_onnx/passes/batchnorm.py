@@ -24,6 +24,7 @@ be stored twice.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,7 +123,13 @@ def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
     weight and bias keep their names.
 
     Left alone: the last conv of a rewritten layer (its output is one of the layer keys
-    ``rewritten``, which the layer checks look for; its family decided about the BN)."""
+    ``rewritten``, which the layer checks look for; its family decided about the BN).
+
+    Who else reads a weight is counted by name over every graph: onnx-graphsurgeon's
+    graph copy gives each subgraph its own copy of an outer constant, so a weight read
+    in two branches has one reader per copy (the graph fuzzer found a fold that changed
+    the weight of convs in other branches)."""
+    readers = _readers_by_name(emitter.graph)
     folded = []
     for owner, node in list(walk(emitter.graph)):
         if (node.op != "Conv" or not default_domain(node) or len(node.inputs) < 2
@@ -130,7 +137,7 @@ def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
             continue
         tensors = [tensor for tensor in node.inputs[1:3] if tensor is not None and tensor.name]
         if not all(isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1
-                   for tensor in tensors):
+                   and readers[tensor.name] == 1 for tensor in tensors):
             continue
         values = [constant_value(tensor) for tensor in tensors]
         if any(value is None for value in values) or values[0].dtype.kind != "f":
@@ -148,3 +155,15 @@ def fold_remaining(emitter: Emitter, rewritten: set[str]) -> list[str]:
         apply_fold(owner, node, fold.node, bias)
         folded.append(fold.node.name or "BatchNormalization")
     return folded
+
+
+def _readers_by_name(graph: gs.Graph) -> Counter:
+    """How many nodes read each tensor name, and graphs output it, over ``graph`` and every
+    graph nested in it (sibling subgraphs may reuse a name: counted together, which only
+    leaves a fold out)."""
+    readers = Counter(tensor.name for _, node in walk(graph) for tensor in node.inputs
+                      if tensor is not None and tensor.name)
+    scopes = {id(owner): owner for owner, _ in walk(graph)} | {id(graph): graph}
+    for scope in scopes.values():
+        readers.update(tensor.name for tensor in scope.outputs)
+    return readers

@@ -39,7 +39,7 @@ def distances(model_or_path, spec, *, input_shapes=None) -> list:
     from . import distance
 
     parsed = spec if isinstance(spec, distance.Spec) else distance.parse_spec(spec)
-    view, _, _ = pipeline.view_of(load_model(model_or_path), input_shapes)
+    view, _, _ = pipeline.view_of(load_model(model_or_path, mapped=True), input_shapes)
     [box] = resolve(["box"])
     return distance.distances(box.find(view), parsed)
 
@@ -74,7 +74,7 @@ def analyze(
     options = _options(calib_data, families, tol=tol, select=select, target_macs=target_macs,
                        alpha_fit=alpha_fit, seed=seed, threads=threads,
                        min_agreement=min_agreement, sequential_fit=sequential_fit, int8=int8)
-    model = load_model(model_or_path)
+    model = load_model(model_or_path, mapped=True)  # a large model's weights read in place
     batches, inputs = pipeline.calibration_batches(model, calib_data, inputs)
     analysis = pipeline.analyse(model, options, input_shapes, inputs, strict=False, batches=batches)
     measurer = Measurer(threads=threads) if options.select == "measured" else None

@@ -18,9 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_external_data import _conv_chain, _save_external
 
 from sconv_onnx import modelio
-from sconv_onnx.api import optimize
+from sconv_onnx import view as view_module
+from sconv_onnx.api import analyze, distances, optimize
 from sconv_onnx.cli import main
-from sconv_onnx.modelio import load_model, mapped_file, save_model
+from sconv_onnx.modelio import load_model, mapped_array, mapped_file, save_model
 from sconv_onnx.runtime import run
 from sconv_onnx.view import ModelView
 
@@ -194,3 +195,26 @@ def test_the_api_returns_a_model_holding_its_weights(chain):
         kept = _weights(model)
         for name in kept.keys() & weights.keys():
             assert np.array_equal(kept[name], weights[name])
+
+
+def test_analyze_and_distances_read_the_weights_in_place(chain, monkeypatch):
+    """``analyze`` and ``distances`` plan from the file's pages as from loaded weights."""
+    path, _ = chain
+    read = []
+
+    def reading(tensor, files):
+        values = mapped_array(tensor, files)
+        if values is not None:
+            read.append(tensor.name)
+        return values
+
+    monkeypatch.setattr(view_module, "mapped_array", reading)
+    mapped_plan = analyze(str(path))
+    mapped_distances = [d.residual for d in distances(str(path), "c=C/2")]
+    assert len(read) == 8  # the four weights, read in place by each
+    monkeypatch.setattr(modelio, "LARGE_MODEL_BYTES", 2**40)  # loaded, as small models are
+    loaded_plan = analyze(str(path))
+    assert [(layer.key, layer.chosen and layer.chosen.label) for layer in mapped_plan.layers] == [
+        (layer.key, layer.chosen and layer.chosen.label) for layer in loaded_plan.layers]
+    assert mapped_distances == [d.residual for d in distances(str(path), "c=C/2")]
+    assert mapped_plan.rewritten

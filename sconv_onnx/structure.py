@@ -342,9 +342,10 @@ def _spatial_projector(kernel: tuple[int, ...], under: tuple[int, ...]) -> np.nd
     return projector
 
 
-def folded_sums(weight3: np.ndarray, period: int) -> np.ndarray:
+def folded_sums(weight3: np.ndarray, period: int, into: np.ndarray | None = None) -> np.ndarray:
     """Sums over the channel axis of ``weight3`` ``(O, C, S)`` by channel index modulo
-    ``period``: ``(O, period, S)``, entry ``k`` the sum of channels ``k, k + period, ..``.
+    ``period``: ``(O, period, S)``, entry ``k`` the sum of channels ``k, k + period, ..``
+    (in float64; written into ``into``, ``(O, period S)``, when given).
 
     One pass over the weight (``O(O C S)``), no copy of it: on the filters flattened
     to ``C S`` entries, the channels ``[b L, (b+1) L)`` are the contiguous entries
@@ -353,9 +354,10 @@ def folded_sums(weight3: np.ndarray, period: int) -> np.ndarray:
     flat = weight3.reshape(out, channels * spatial)
     width = period * spatial
     whole, left = divmod(flat.shape[1], width)
+    sums = np.empty((out, width)) if into is None else into
     # a product with ones: numpy's sum over a middle axis runs 4-20 times slower when the
     # period is short (0.3 against 1.6-9.5 ns per entry for L = 17..2)
-    sums = np.ones(whole) @ flat[:, :whole * width].reshape(out, whole, width)
+    np.matmul(np.ones(whole), flat[:, :whole * width].reshape(out, whole, width), out=sums)
     if left:
         sums[:, :left] += flat[:, whole * width:]
     return sums.reshape(out, period, spatial)
@@ -415,21 +417,14 @@ class _ComplementGram:
         self.inverse, self.inverse_sum = inverse, float(inverse.sum())
         self.spread = np.repeat(np.sqrt(inverse), self.spatial)  # entry k S + s: 1 / sqrt(m_k)
         self.sums = np.empty((filters, self.period * self.spatial))
-        self.ones = np.ones(self.channels // self.period)
         self.weighted = np.empty_like(self.sums)
         self.gram = np.zeros((self.spatial, self.spatial))
 
     def add(self, block: np.ndarray) -> None:
         """Add the filters of ``block`` (float64 ``(o, C, S)``, ``o <= filters``)."""
         out = block.shape[0]
-        flat = block.reshape(out, -1)
-        width = self.sums.shape[1]
-        whole, left = divmod(flat.shape[1], width)
         sums, weighted = self.sums[:out], self.weighted[:out]
-        # the channels [b L, (b+1) L) are the entries [b L S, (b+1) L S) (folded_sums)
-        np.matmul(self.ones[:whole], flat[:, :whole * width].reshape(out, whole, width), out=sums)
-        if left:
-            sums[:, :left] += flat[:, whole * width:]
+        folded_sums(block, self.period, into=sums)
         totals = np.matmul(sums.reshape(out, self.period, self.spatial).transpose(0, 2, 1),
                            self.inverse)  # (o, S)
         np.multiply(sums, self.spread, out=weighted)
